@@ -1,0 +1,123 @@
+"""Checks at the edge of the public API: every error names the argument, the value and what
+was expected, and is raised before anything is computed or changed."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vqfunc.config import VQConfig
+from vqfunc.layout import normalize_dim
+from vqfunc.params import VQParams, affine_shape
+
+_FLOAT_DTYPES = "float16, bfloat16, float32 or float64"
+
+
+def check_params(params: object, cfg: VQConfig, *, where: str) -> None:
+    """`params` is a `VQParams` of floating tensors shaped as `cfg` says, on one device."""
+    if not isinstance(params, VQParams):
+        raise TypeError(
+            f"{where}: params must be a VQParams (from vqfunc.init_params(cfg) or layer.params), "
+            f"got {type(params).__name__}"
+        )
+    expected = {
+        "codebook": cfg.codebook_shape,
+        "affine_scale": affine_shape(cfg),
+        "affine_bias": affine_shape(cfg),
+    }
+    for name, shape in expected.items():
+        value = getattr(params, name)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: params.{name} must be a tensor, got {type(value).__name__}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(
+                f"{where}: params.{name} must be a floating tensor ({_FLOAT_DTYPES}), "
+                f"got {value.dtype}"
+            )
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{where}: params.{name} has shape {tuple(value.shape)}, but cfg "
+                f"(num_codes={cfg.num_codes}, feature_size={cfg.feature_size}, "
+                f"groups={cfg.groups}, share={cfg.share}, affine_lr={cfg.affine_lr}, "
+                f"affine_groups={cfg.affine_groups}) expects {shape}"
+            )
+        if value.device != params.codebook.device:
+            raise ValueError(
+                f"{where}: params.{name} is on {value.device} but params.codebook is on "
+                f"{params.codebook.device}; expected all params on one device"
+            )
+
+
+def check_input(x: object, cfg: VQConfig, *, where: str, name: str = "x") -> int:
+    """`x` is a floating tensor of rank >= 1 with `cfg.feature_size` on `cfg.dim`.
+
+    Returns the non-negative feature axis.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{where}: {name} must be a floating tensor ({_FLOAT_DTYPES}), got {x.dtype}; "
+            f"convert it first, e.g. {name}.float()"
+        )
+    if x.ndim == 0:
+        raise ValueError(
+            f"{where}: {name} is a scalar; expected a tensor of rank >= 1 with "
+            f"feature_size={cfg.feature_size} on dim={cfg.dim}"
+        )
+    dim = normalize_dim(cfg.dim, x.ndim, where=where, name="cfg.dim")
+    if x.shape[dim] != cfg.feature_size:
+        candidates = [d - x.ndim for d in range(x.ndim) if x.shape[d] == cfg.feature_size]
+        hint = ""
+        if len(candidates) == 1 and candidates[0] == -1:
+            hint = " (did you mean dim=-1?)"
+        elif candidates:
+            hint = f" (did you mean dim={candidates[0] % x.ndim}?)"
+        raise ValueError(
+            f"{where}: {name} has {x.shape[dim]} features on dim={cfg.dim} (shape "
+            f"{tuple(x.shape)}), but cfg.feature_size is {cfg.feature_size}{hint}"
+        )
+    return dim
+
+
+def check_same_device(x: Tensor, params: VQParams, *, where: str, name: str = "x") -> None:
+    if x.device != params.codebook.device:
+        raise ValueError(
+            f"{where}: {name} is on {x.device} but params.codebook is on "
+            f"{params.codebook.device}; move one of them, e.g. {name}.to(params.codebook.device)"
+        )
+
+
+def check_mask(mask: object, batch_shape: tuple[int, ...], x: Tensor, *, where: str) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{where}: mask must be a tensor or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != batch_shape:
+        raise ValueError(
+            f"{where}: mask has shape {tuple(mask.shape)}, expected {batch_shape} "
+            f"(the input's shape without its feature axis)"
+        )
+    if mask.device != x.device:
+        raise ValueError(f"{where}: mask is on {mask.device} but x is on {x.device}")
+
+
+def check_codes(codes: object, cfg: VQConfig, *, where: str) -> None:
+    if not isinstance(codes, Tensor):
+        raise TypeError(f"{where}: codes must be a tensor, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"{where}: codes must be an integer tensor, got {codes.dtype}")
+    if cfg.groups > 1 and (codes.ndim == 0 or codes.shape[-1] != cfg.groups):
+        raise ValueError(
+            f"{where}: with groups={cfg.groups}, codes must have a trailing axis of size "
+            f"{cfg.groups}, got shape {tuple(codes.shape)}"
+        )
+
+
+def check_finite(x: Tensor, *, where: str, name: str = "x") -> None:
+    """Refuse NaN or Inf (a host sync: only for warm-up, never in the hot path)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        raise ValueError(
+            f"{where}: {name} holds {count} non-finite value(s) (NaN or Inf) out of "
+            f"{x.numel()}; expected finite data to warm the codebook from"
+        )

@@ -1,0 +1,165 @@
+"""`codebook_warmup`: warm every `VectorQuantize` layer of a model from data (vqtorch's API)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sized
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vqfunc._progress import progress
+from vqfunc.nn import VectorQuantize
+from vqfunc.warmup import WarmupMethod, warmup_params
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the layer being warmed has seen its input."""
+
+
+def _default_inputs(batch: Any) -> Any:
+    """A loader's batch -> the model's input: a tensor as is, else the first item."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+def _to_device(value: Any, device: torch.device | None) -> Any:
+    if device is not None and isinstance(value, Tensor):
+        return value.to(device)
+    return value
+
+
+def codebook_warmup(
+    model: nn.Module,
+    loader: Iterable[Any],
+    warmup_method: WarmupMethod = "data",
+    num_batch: int = 128,
+    *,
+    max_vectors: int = 1 << 16,
+    generator: torch.Generator | None = None,
+    inputs: Callable[[Any], Any] = _default_inputs,
+    progress_bar: bool = True,
+) -> nn.Module:
+    """Warm the codebook of every `VectorQuantize` in `model` from `num_batch` batches.
+
+    Layers are warmed one after the other in the order the forward pass reaches them, so a
+    later layer sees the output of the already warmed earlier ones. For each layer the forward
+    pass stops right after that layer's input is captured, and at most `max_vectors` input
+    vectors are kept (a random subset of each batch), which bounds memory.
+
+    Args:
+        model: any module holding `VectorQuantize` layers.
+        loader: iterable of batches (re-iterated once per layer), e.g. a `DataLoader`.
+        warmup_method: `"data"` or `"kmeans"` (see `warmup_params`).
+        num_batch: batches per layer.
+        max_vectors: vectors kept per layer.
+        generator: source of randomness for the subsets and the warm-up.
+        inputs: maps a batch to the model's input (default: the batch, or its first item).
+        progress_bar: draw a progress bar on stderr.
+
+    Returns:
+        `model`, its VQ layers warmed in place; its training mode is restored.
+    """
+    if num_batch < 1:
+        raise ValueError(f"codebook_warmup: num_batch must be >= 1, got {num_batch}")
+    if max_vectors < 1:
+        raise ValueError(f"codebook_warmup: max_vectors must be >= 1, got {max_vectors}")
+    layers = [m for m in model.modules() if isinstance(m, VectorQuantize)]
+    if not layers:
+        raise ValueError("codebook_warmup: model holds no vqfunc.VectorQuantize layer")
+    param = next(model.parameters())
+    device = param.device
+    was_training = model.training
+    model.eval()
+    try:
+        for index, layer in enumerate(_forward_order(model, layers, loader, inputs, device)):
+            rows = _collect_inputs(
+                model,
+                layer,
+                loader,
+                inputs,
+                device,
+                num_batch,
+                max_vectors,
+                generator,
+                desc=f"warm-up {index + 1}/{len(layers)}",
+                progress_bar=progress_bar,
+            )
+            cfg = layer.cfg.replace(dim=-1)
+            new = warmup_params(layer.params, rows, cfg, method=warmup_method, generator=generator)
+            layer.load_params(new)
+    finally:
+        model.train(was_training)
+    return model
+
+
+def _forward_order(
+    model: nn.Module,
+    layers: list[VectorQuantize],
+    loader: Iterable[Any],
+    inputs: Callable[[Any], Any],
+    device: torch.device,
+) -> list[VectorQuantize]:
+    """The VQ layers in the order one forward pass calls them (layers never called last)."""
+    order: list[VectorQuantize] = []
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, args: order.append(mod) if mod not in order else None
+        )
+        for layer in layers
+    ]
+    try:
+        batch = next(iter(loader))
+        with torch.no_grad():
+            model(_to_device(inputs(batch), device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order + [layer for layer in layers if layer not in order]
+
+
+def _collect_inputs(
+    model: nn.Module,
+    layer: VectorQuantize,
+    loader: Iterable[Any],
+    inputs: Callable[[Any], Any],
+    device: torch.device,
+    num_batch: int,
+    max_vectors: int,
+    generator: torch.Generator | None,
+    *,
+    desc: str,
+    progress_bar: bool,
+) -> Tensor:
+    """Rows `[M, F]` of `layer`'s inputs over `num_batch` batches, `M <= max_vectors`."""
+    per_batch = math.ceil(max_vectors / num_batch)
+    total = min(num_batch, len(loader)) if isinstance(loader, Sized) else num_batch
+    kept: list[Tensor] = []
+
+    def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        rows = x.movedim(layer.cfg.dim % x.ndim, -1).reshape(-1, layer.cfg.feature_size)
+        if rows.shape[0] > per_batch:
+            gen_device = generator.device if generator is not None else rows.device
+            pick = torch.randperm(rows.shape[0], generator=generator, device=gen_device)
+            rows = rows[pick[:per_batch].to(rows.device)]
+        kept.append(rows.clone())
+        raise _StopForward
+
+    hook = layer.register_forward_pre_hook(capture)
+    try:
+        batches = itertools.islice(loader, num_batch)
+        for batch in progress(batches, total=total, desc=desc, enable=progress_bar):
+            try:
+                with torch.no_grad():
+                    model(_to_device(inputs(batch), device))
+            except _StopForward:
+                pass
+    finally:
+        hook.remove()
+    if not kept:
+        raise ValueError("codebook_warmup: the loader yielded no batch reaching the layer")
+    return torch.cat(kept)[:max_vectors]
