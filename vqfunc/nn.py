@@ -1,21 +1,33 @@
 """`VectorQuantize`: the `nn.Module` shim over the functional core.
 
-The layer holds the params as `nn.Parameter`s named like the fields of `VQParams`, calls the
-pure functions, and is the library's single place of mutation. `layer.params` is a `VQParams`
-view of its own tensors, and `torch.func.functional_call(layer, params._asdict(), (x,))`
+The layer holds the params as `nn.Parameter`s named like the fields of `VQParams` and the
+training state as persistent buffers named like the fields of `VQState`, calls the pure
+functions, and is the library's single place of mutation. `layer.params` and `layer.state` are
+views of its own tensors, and `torch.func.functional_call(layer, params._asdict(), (x,))`
 equals `vqfunc.quantize(params, x, layer.cfg)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vqfunc.alternating import codebook_loss
 from vqfunc.config import Dist, Estimator, VQConfig
+from vqfunc.ema import init_ema_state
+from vqfunc.no_vq import vq_disabled_everywhere
 from vqfunc.params import VQParams, init_params
 from vqfunc.quantize import QuantizeOutput, quantize
+from vqfunc.state import VQState, check_state, init_state, update_state
+from vqfunc.warmup import warmup_params
+
+InplaceOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+_PARAM_NAMES = VQParams._fields
+_STATE_NAMES = VQState._fields
 
 
 class VectorQuantize(nn.Module):
@@ -24,14 +36,41 @@ class VectorQuantize(nn.Module):
     `z_q, misc = layer(z_e)`: `z_q` has `z_e`'s shape and dtype; `misc["loss"]` is the
     commitment loss; `misc` also holds `"codes"` (alias `"q"`), `"distances"` (alias `"d"`),
     `"perplexity"`, `"z"`, `"z_q"` and `"histogram"` (see `QuantizeOutput`).
+    `layer(z_e, mask=m)` takes a `[*B]` mask over the input's non-feature axes: masked
+    positions are quantized but count in no loss, statistic or replacement.
 
     The arguments are the fields of `VQConfig` (see there); `generator`, `device` and `dtype`
     go to `init_params`.
+
+    Training (`layer.train()`) runs the stateful techniques inside `forward`, as vqtorch does:
+
+    - `kmeans_init=True`: the first training batch warms the codebook with k-means
+      (`warmup_params(method="kmeans")`), once; the buffer `kmeans_initialized` records it.
+    - `inplace_optimizer` (e.g. `lambda p: torch.optim.SGD(p, lr=50.0, momentum=0.9)`): before
+      quantizing, one step of that optimizer on the codebook loss `mse(sg(z), C[q])`
+      (`vqfunc.alternating`); the batch is then quantized with the updated codebook. The
+      codebook's accumulated `.grad` is left as it was. The optimizer's own state (e.g.
+      momentum) is not part of `state_dict`.
+    - `ema_decay > 0`: after quantizing, the EMA update (`vqfunc.ema`). The codebook is then
+      moved by the averages only, so it has `requires_grad=False` and no optimizer moves it.
+    - `replace_freq > 0`: after quantizing, dead-code replacement (`vqfunc.replace`).
+
+    The returned `z_q` and `misc` are those of the codebook before the EMA update and the
+    replacement, which take effect from the next batch. Randomness (k-means seeding,
+    replacement candidates) comes from torch's global generator.
+
+    The state is updated only in training mode and only on the layer's own tensors: under
+    `torch.func.functional_call` with other params or buffers, or in `eval()` mode, the
+    forward pass is pure. The functional form of the update is `vqfunc.update_state`.
     """
 
     codebook: nn.Parameter
     affine_scale: nn.Parameter
     affine_bias: nn.Parameter
+    replace_counters: Tensor
+    ema_counts: Tensor
+    ema_sums: Tensor
+    kmeans_initialized: Tensor
 
     def __init__(
         self,
@@ -53,6 +92,7 @@ class VectorQuantize(nn.Module):
         ema_decay: float = 0.0,
         ema_eps: float = 1e-5,
         kmeans_init: bool = False,
+        inplace_optimizer: InplaceOptimizer | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -77,18 +117,54 @@ class VectorQuantize(nn.Module):
             ema_eps=ema_eps,
             kmeans_init=kmeans_init,
         )
+        if inplace_optimizer is not None and ema_decay > 0:
+            raise ValueError(
+                "VectorQuantize: inplace_optimizer and ema_decay > 0 both move the codebook; "
+                "use one of them"
+            )
+        if inplace_optimizer is not None and not callable(inplace_optimizer):
+            raise TypeError(
+                "VectorQuantize: inplace_optimizer must be a callable taking the codebook "
+                "parameters and returning an optimizer, e.g. "
+                "lambda params: torch.optim.SGD(params, lr=50.0, momentum=0.9); "
+                f"got {type(inplace_optimizer).__name__}"
+            )
         params = init_params(self.cfg, generator=generator, device=device, dtype=dtype)
         for name, value in params._asdict().items():
             self.register_parameter(name, nn.Parameter(value))
+        if self.cfg.ema_decay > 0:
+            # The EMA owns the codebook: no gradient, so no optimizer moves it as well.
+            self.codebook.requires_grad_(False)
+        for name, value in init_state(params, self.cfg)._asdict().items():
+            self.register_buffer(name, value)
+        self.register_buffer(
+            "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
+        )
+        self.vq_enabled = True
+        self.inplace_codebook_optimizer: torch.optim.Optimizer | None = None
+        if inplace_optimizer is not None:
+            self.inplace_codebook_optimizer = inplace_optimizer([self.codebook])
+        self._kmeans_done: bool | None = None
+        self._remember_own_tensors()
+        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def params(self) -> VQParams:
         """The layer's parameters as a `VQParams` (the layer's own tensors, not copies)."""
         return VQParams(self.codebook, self.affine_scale, self.affine_bias)
 
+    @property
+    def state(self) -> VQState:
+        """The layer's training state as a `VQState` (its own buffers, not copies)."""
+        return VQState(self.replace_counters, self.ema_counts, self.ema_sums)
+
     @torch.no_grad()
     def load_params(self, params: VQParams) -> None:
-        """Copy `params` into the layer's parameters (shapes must match)."""
+        """Copy `params` into the layer's parameters (shapes must match).
+
+        With EMA on, the EMA statistics restart from the new codebook (one pseudo-observation
+        per code), so that the averages do not pull it back to the old codes.
+        """
         own = self.params._asdict()
         for name, value in params._asdict().items():
             if value.shape != own[name].shape:
@@ -98,11 +174,104 @@ class VectorQuantize(nn.Module):
                 )
         for name, value in params._asdict().items():
             own[name].copy_(value)
+        if self.cfg.ema_decay > 0:
+            ema = init_ema_state(self.params, self.cfg)
+            self.ema_counts.copy_(ema.counts)
+            self.ema_sums.copy_(ema.sums)
+
+    @torch.no_grad()
+    def load_state(self, state: VQState) -> None:
+        """Copy `state` into the layer's buffers (shapes must match)."""
+        check_state(state, self.params, self.cfg, where="VectorQuantize.load_state")
+        self._write(None, state)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.quantize`."""
-        z_q, out = quantize(self.params, x, self.cfg, mask=mask)
+        """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.quantize` and the class doc.
+
+        Args:
+            x: the input, with `feature_size` features on `dim`.
+            mask: optional `[*B]` (bool or float) mask over the input's non-feature axes.
+        """
+        if not self.vq_enabled or vq_disabled_everywhere():
+            return x, {"loss": x.new_zeros(())}
+        training = self.training and self._holds_own_tensors()
+        if training and self.cfg.kmeans_init and not self._kmeans_initialized():
+            self._kmeans_warmup(x, mask)
+        if training and self.inplace_codebook_optimizer is not None:
+            self._inplace_step(x, mask)
+        updates = training and (self.cfg.ema_decay > 0 or self.cfg.replace_freq > 0)
+        params = self.params
+        if updates:
+            # The update below writes the codebook in place; the graph of this forward pass
+            # must keep the values it was computed with.
+            params = params._replace(codebook=params.codebook.clone())
+        z_q, out = quantize(params, x, self.cfg, mask=mask)
+        if updates:
+            new_params, new_state = update_state(self.params, self.state, out, self.cfg, mask=mask)
+            self._write(new_params, new_state)
         return z_q, misc_dict(out)
+
+    @torch.no_grad()
+    def _write(self, params: VQParams | None, state: VQState) -> None:
+        if params is not None:
+            self.codebook.copy_(params.codebook)
+        for name in _STATE_NAMES:
+            getattr(self, name).copy_(getattr(state, name))
+
+    def _kmeans_initialized(self) -> bool:
+        # A Python mirror of the buffer, so that training steps do not read the device.
+        if self._kmeans_done is None:
+            self._kmeans_done = bool(self.kmeans_initialized)
+        return self._kmeans_done
+
+    @torch.no_grad()
+    def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
+        rows = x.detach().movedim(self.cfg.dim % x.ndim, -1).reshape(-1, self.cfg.feature_size)
+        if mask is not None:
+            rows = rows[mask.detach().reshape(-1) > 0]  # a one-off host sync, at warm-up only
+        if rows.shape[0] == 0:
+            return  # nothing to fit yet: try again on the next batch
+        cfg = self.cfg.replace(dim=-1)
+        self.load_params(warmup_params(self.params, rows, cfg, method="kmeans"))
+        self.kmeans_initialized.fill_(True)
+        self._kmeans_done = True
+
+    def _inplace_step(self, x: Tensor, mask: Tensor | None) -> None:
+        optimizer = self.inplace_codebook_optimizer
+        assert optimizer is not None
+        with torch.no_grad():
+            _, out = quantize(self.params, x, self.cfg, mask=mask)
+        with torch.enable_grad():
+            loss = codebook_loss(self.params, out.z, out.codes, self.cfg, mask=mask)
+            (grad,) = torch.autograd.grad(loss, [self.codebook])
+        # The task's accumulated gradient is set aside, not consumed by this step.
+        saved = self.codebook.grad
+        self.codebook.grad = grad
+        try:
+            optimizer.step()
+        finally:
+            self.codebook.grad = saved
+
+    def _remember_own_tensors(self) -> None:
+        # Plain attribute (not a submodule or buffer): the tensors registered right now.
+        self.__dict__["_own_tensors"] = self._bound_tensors()
+
+    def _bound_tensors(self) -> tuple[Tensor | None, ...]:
+        params = tuple(self._parameters.get(name) for name in _PARAM_NAMES)
+        buffers = tuple(self._buffers.get(name) for name in (*_STATE_NAMES, "kmeans_initialized"))
+        return params + buffers
+
+    def _holds_own_tensors(self) -> bool:
+        """False while `functional_call` has swapped in other tensors (the pass stays pure)."""
+        own = self.__dict__.get("_own_tensors", ())
+        bound = self._bound_tensors()
+        return len(own) == len(bound) and all(a is b for a, b in zip(own, bound, strict=True))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> VectorQuantize:
+        # `.to()`, `.cuda()`, `.double()` may put new tensors in place of the buffers.
+        result = super()._apply(fn, recurse)
+        self._remember_own_tensors()
+        return result
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -111,7 +280,19 @@ class VectorQuantize(nn.Module):
         )
         if c.groups > 1:
             text += f", groups={c.groups}, share={c.share}"
+        for name in ("affine_lr", "sync_nu", "replace_freq", "ema_decay"):
+            if getattr(c, name):
+                text += f", {name}={getattr(c, name)}"
+        if c.kmeans_init:
+            text += ", kmeans_init=True"
         return text
+
+
+def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    # `load_state_dict(assign=True)` may bind new tensors, and the k-means flag may change.
+    assert isinstance(module, VectorQuantize)
+    module._kmeans_done = None
+    module._remember_own_tensors()
 
 
 def misc_dict(out: QuantizeOutput) -> dict[str, Any]:

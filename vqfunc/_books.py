@@ -1,0 +1,61 @@
+"""Per-codebook views of a quantizer's output, shared by the state updates.
+
+A shared codebook sees every group's vectors; separate codebooks each see their own group.
+Either way the state updates work on `[num_books, N, ...]` tensors, `N` the vectors each
+codebook saw.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from vqfunc.config import VQConfig
+
+
+class BookVectors(NamedTuple):
+    """A batch laid out per codebook.
+
+    Attributes:
+        vectors: `[num_books, N, d]` the vectors each codebook saw.
+        codes: `[num_books, N]` int64 their codes.
+        weights: `[num_books, N]` float row weights (0 for masked rows).
+    """
+
+    vectors: Tensor
+    codes: Tensor
+    weights: Tensor
+
+
+def rows_per_book(num_rows: int, cfg: VQConfig) -> int:
+    """Number `N` of vectors each codebook sees in a batch of `num_rows` input vectors."""
+    return num_rows * cfg.groups if cfg.share else num_rows
+
+
+def book_vectors(
+    z: Tensor, codes: Tensor, cfg: VQConfig, mask: Tensor | None = None
+) -> BookVectors:
+    """`QuantizeOutput.z` `[*B, F]` and `.codes` `[*B(, G)]` (and a `[*B]` mask) per codebook."""
+    rows = z.reshape(-1, cfg.groups, cfg.code_dim)
+    row_codes = codes.reshape(-1, cfg.groups).long()
+    if mask is None:
+        weights = torch.ones(row_codes.shape, device=z.device, dtype=z.dtype)
+    else:
+        weights = mask.reshape(-1, 1).to(z.dtype).expand(row_codes.shape)
+    if cfg.share:
+        return BookVectors(
+            rows.reshape(1, -1, cfg.code_dim), row_codes.reshape(1, -1), weights.reshape(1, -1)
+        )
+    return BookVectors(rows.transpose(0, 1), row_codes.t(), weights.t())
+
+
+def as_books(codebook: Tensor, cfg: VQConfig) -> Tensor:
+    """A codebook `[K, d]` or `[G, K, d]` as `[num_books, K, d]`."""
+    return codebook.reshape(cfg.num_books, cfg.codes_per_book, cfg.code_dim)
+
+
+def from_books(books: Tensor, cfg: VQConfig) -> Tensor:
+    """`[num_books, K, d]` back to `cfg.codebook_shape`."""
+    return books.reshape(cfg.codebook_shape)
