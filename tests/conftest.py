@@ -1,0 +1,37 @@
+"""Shared fixtures and settings of the test suite."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+PARITY_FILE = DATA_DIR / "vqtorch_parity.pt"
+
+# Property tests run on a shared 2-core CI machine: no per-example deadline (the first call of a
+# torch op can be slow), modest example counts, and reproducible runs.
+settings.register_profile(
+    "vqfunc",
+    deadline=None,
+    max_examples=60,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("vqfunc")
+
+
+@pytest.fixture(scope="session")
+def parity_records() -> dict[str, dict[str, Any]]:
+    """vqtorch's reference results: case name -> record (the format is described in
+    tests/test_parity.py)."""
+    return torch.load(PARITY_FILE, weights_only=False)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A CPU generator with a fixed seed, fresh for every test."""
+    return torch.Generator().manual_seed(0)
