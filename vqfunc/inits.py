@@ -5,14 +5,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sized
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from vqfunc import distributed
 from vqfunc._progress import progress
 from vqfunc.nn import VectorQuantize
-from vqfunc.warmup import WarmupMethod, warmup_params
+from vqfunc.warmup import WarmupMethod
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class _StopForward(Exception):
@@ -42,6 +46,7 @@ def codebook_warmup(
     generator: torch.Generator | None = None,
     inputs: Callable[[Any], Any] = _default_inputs,
     progress_bar: bool = True,
+    process_group: ProcessGroup | None = None,
 ) -> nn.Module:
     """Warm the codebook of every `VectorQuantize` in `model` from `num_batch` batches.
 
@@ -59,6 +64,10 @@ def codebook_warmup(
         generator: source of randomness for the subsets and the warm-up.
         inputs: maps a batch to the model's input (default: the batch, or its first item).
         progress_bar: draw a progress bar on stderr.
+        process_group: under `torch.distributed`, the ranks that warm up together (default:
+            the world group): each rank collects from its own loader, the first rank fits every
+            codebook on the vectors of all ranks and broadcasts it (`vqfunc.distributed`).
+            Call it on the bare model, before wrapping it in DistributedDataParallel.
 
     Returns:
         `model`, its VQ layers warmed in place; its training mode is restored.
@@ -89,7 +98,14 @@ def codebook_warmup(
                 progress_bar=progress_bar,
             )
             cfg = layer.cfg.replace(dim=-1)
-            new = warmup_params(layer.params, rows, cfg, method=warmup_method, generator=generator)
+            new = distributed.warmup_params(
+                layer.params,
+                rows,
+                cfg,
+                method=warmup_method,
+                generator=generator,
+                group=process_group,
+            )
             layer.load_params(new)
     finally:
         model.train(was_training)
@@ -161,5 +177,8 @@ def _collect_inputs(
     finally:
         hook.remove()
     if not kept:
-        raise ValueError("codebook_warmup: the loader yielded no batch reaching the layer")
+        if distributed.active_group() is None:
+            raise ValueError("codebook_warmup: the loader yielded no batch reaching the layer")
+        # Another rank may hold data: the collective warm-up decides for all ranks alike.
+        return layer.codebook.new_zeros(0, layer.cfg.feature_size)
     return torch.cat(kept)[:max_vectors]

@@ -10,19 +10,22 @@ equals `vqfunc.quantize(params, x, layer.cfg)`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from vqfunc.alternating import codebook_loss
 from vqfunc.config import Dist, Estimator, VQConfig
+from vqfunc.distributed import fit_codebook, sync_for
 from vqfunc.ema import init_ema_state
 from vqfunc.no_vq import vq_disabled_everywhere
 from vqfunc.params import VQParams, init_params
 from vqfunc.quantize import QuantizeOutput, quantize
 from vqfunc.state import VQState, check_state, init_state, update_state
-from vqfunc.warmup import warmup_params
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 InplaceOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -41,6 +44,12 @@ class VectorQuantize(nn.Module):
 
     The arguments are the fields of `VQConfig` (see there); `generator`, `device` and `dtype`
     go to `init_params`.
+
+    Under `torch.distributed` (e.g. with DistributedDataParallel), every data-dependent update
+    of the training mode (k-means warm-up, EMA, dead-code replacement, the in-place codebook
+    step) agrees across the ranks of `process_group` (default: the world group); see
+    `vqfunc.distributed`. Every rank must run the same number of training forward passes.
+    Without an initialised process group no collective is issued.
 
     Training (`layer.train()`) runs the stateful techniques inside `forward`, as vqtorch does:
 
@@ -96,6 +105,7 @@ class VectorQuantize(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.cfg = VQConfig(
@@ -141,6 +151,7 @@ class VectorQuantize(nn.Module):
             "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
         )
         self.vq_enabled = True
+        self.process_group = process_group
         self.inplace_codebook_optimizer: torch.optim.Optimizer | None = None
         if inplace_optimizer is not None:
             self.inplace_codebook_optimizer = inplace_optimizer([self.codebook])
@@ -207,7 +218,9 @@ class VectorQuantize(nn.Module):
             params = params._replace(codebook=params.codebook.clone())
         z_q, out = quantize(params, x, self.cfg, mask=mask)
         if updates:
-            new_params, new_state = update_state(self.params, self.state, out, self.cfg, mask=mask)
+            new_params, new_state = update_state(
+                self.params, self.state, out, self.cfg, mask=mask, sync=sync_for(self.process_group)
+            )
             self._write(new_params, new_state)
         return z_q, misc_dict(out)
 
@@ -226,13 +239,14 @@ class VectorQuantize(nn.Module):
 
     @torch.no_grad()
     def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
-        rows = x.detach().movedim(self.cfg.dim % x.ndim, -1).reshape(-1, self.cfg.feature_size)
-        if mask is not None:
-            rows = rows[mask.detach().reshape(-1) > 0]  # a one-off host sync, at warm-up only
-        if rows.shape[0] == 0:
-            return  # nothing to fit yet: try again on the next batch
-        cfg = self.cfg.replace(dim=-1)
-        self.load_params(warmup_params(self.params, rows, cfg, method="kmeans"))
+        # Fitted on the unmasked vectors of every rank; None (on every rank) when there are
+        # none: try again on the next batch.
+        fitted = fit_codebook(
+            self.params, x, self.cfg, method="kmeans", mask=mask, group=self.process_group
+        )
+        if fitted is None:
+            return
+        self.load_params(fitted)
         self.kmeans_initialized.fill_(True)
         self._kmeans_done = True
 
@@ -244,6 +258,9 @@ class VectorQuantize(nn.Module):
         with torch.enable_grad():
             loss = codebook_loss(self.params, out.z, out.codes, self.cfg, mask=mask)
             (grad,) = torch.autograd.grad(loss, [self.codebook])
+        sync = sync_for(self.process_group)
+        if sync is not None:  # the replicas take the same step, as DDP would average it
+            grad = sync.reduce_mean(grad)
         # The task's accumulated gradient is set aside, not consumed by this step.
         saved = self.codebook.grad
         self.codebook.grad = grad

@@ -14,13 +14,20 @@ A functional training step threads it explicitly:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from vqfunc.config import VQConfig
-from vqfunc.ema import EMAState, ema_statistics, ema_update, init_ema_state, reset_codes
+from vqfunc.ema import (
+    EMAState,
+    EMAStatistics,
+    ema_statistics,
+    ema_update,
+    init_ema_state,
+    reset_codes,
+)
 from vqfunc.params import VQParams
 from vqfunc.quantize import QuantizeOutput
 from vqfunc.replace import (
@@ -30,6 +37,9 @@ from vqfunc.replace import (
     replace_step,
     sample_candidates,
 )
+
+if TYPE_CHECKING:
+    from vqfunc.distributed import StateSync
 
 
 class VQState(NamedTuple):
@@ -101,6 +111,7 @@ def update_state(
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     randomness: ReplaceRandomness | None = None,
+    sync: StateSync | None = None,
 ) -> tuple[VQParams, VQState]:
     """One training step of the stateful techniques that `cfg` turns on.
 
@@ -119,6 +130,9 @@ def update_state(
         generator: source of randomness for the replacement candidates.
         randomness: pre-drawn replacement randomness (`draw_replace_randomness`), instead of
             `generator`.
+        sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: the batch's
+            statistics are summed over the ranks and the replacement candidates shared, so
+            that every rank computes the same update. None: no collective.
 
     Returns:
         New params and state. Gradients do not flow through the update.
@@ -126,16 +140,24 @@ def update_state(
     check_state(state, params, cfg, where="update_state")
     with torch.no_grad():
         params = VQParams(*(p.detach() for p in params))
+        histogram = out.histogram
         if cfg.ema_decay > 0:
             stats = ema_statistics(out.z, out.codes, cfg, mask=mask)
+            if sync is not None:
+                histogram, counts, sums = sync.reduce_sum(histogram, *stats)
+                stats = EMAStatistics(counts, sums)
             params, ema = ema_update(params, EMAState(state.ema_counts, state.ema_sums), stats, cfg)
             state = state._replace(ema_counts=ema.counts, ema_sums=ema.sums)
         if cfg.replace_freq > 0:
             candidates = sample_candidates(
                 out.z, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
             )
+            if sync is not None:
+                if cfg.ema_decay <= 0:
+                    (histogram,) = sync.reduce_sum(histogram)
+                candidates = sync.share_candidates(candidates)
             params, replace, replaced = replace_step(
-                params, ReplaceState(state.replace_counters), out.histogram, candidates, cfg
+                params, ReplaceState(state.replace_counters), histogram, candidates, cfg
             )
             state = state._replace(replace_counters=replace.counters)
             if cfg.ema_decay > 0:

@@ -1,0 +1,332 @@
+"""Consistent codebooks under `torch.distributed`.
+
+Gradient all-reduce (DistributedDataParallel, FSDP) keeps the *learned* parameters of the
+replicas equal, but a quantizer also changes its codebook from data: warm-up and k-means,
+EMA statistics, dead-code counters and replacements. This module supplies the collectives that
+keep those updates identical on every rank of a process group, while the pure functions of
+the core stay unaware of them:
+
+- **Warm-up and k-means** (`warmup_params`): the vectors of every rank (unequal counts
+  allowed, empty ones included) are gathered on the group's first rank, which fits the codebook
+  with *its* generator and broadcasts it. The fitted codebook is bit-identical on every rank,
+  whatever the ranks' generators and however nondeterministic the device's kernels are.
+- **EMA statistics and code counts** (`ProcessGroupSync.reduce_sum`): per-code counts, sums and
+  the histogram that drives the dead-code counters are summed over the ranks (one all-reduce),
+  so the update equals the single-process update on the union of the batches.
+- **Replacement candidates** (`ProcessGroupSync.share_candidates`): every rank draws its own
+  fixed-size candidates, the candidates of all ranks are all-gathered, and code `k` takes the
+  candidate of rank `k mod W` (the next rank that has one when that rank's batch held no valid
+  vector). All ranks then pick the same vectors without sharing a seed.
+
+Every collective has a shape fixed by the configuration (or is preceded by an exchange of
+sizes), so each rank issues the same collectives in the same order whatever its data: a rank
+with an empty or fully masked batch takes part like the others and nothing hangs.
+
+When `torch.distributed` is not initialised (or the group has a single rank) every function
+here runs the local computation and issues no collective, so single-process code needs no flag.
+`group=None` means the default (world) group.
+
+Functional use::
+
+    sync = vqfunc.distributed.sync_for(group)          # None when not distributed
+    params = vqfunc.distributed.warmup_params(params, x, cfg, method="kmeans", group=group)
+    ...
+    params, state = vqfunc.update_state(params, state, out, cfg, sync=sync)
+
+The layer shim does the same by itself once the process group is initialised.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vqfunc import _validate
+from vqfunc import warmup as _warmup
+from vqfunc.config import VQConfig
+from vqfunc.params import VQParams
+from vqfunc.quantize import compute_dtype
+from vqfunc.replace import Candidates
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+
+class StateSync(Protocol):
+    """What `vqfunc.update_state(..., sync=)` needs to keep replicas in agreement.
+
+    `ProcessGroupSync` implements it with `torch.distributed`; any object with these two
+    methods works (e.g. a test double, or another communication library).
+    """
+
+    def reduce_sum(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Element-wise sums of each tensor over the replicas (inputs unchanged)."""
+        ...
+
+    def share_candidates(self, candidates: Candidates) -> Candidates:
+        """Replacement candidates identical on every replica."""
+        ...
+
+
+def active_group(group: ProcessGroup | None = None) -> ProcessGroup | None:
+    """The group to keep in agreement, or None when there is nothing to synchronise.
+
+    Args:
+        group: a process group, or None for the default (world) group.
+
+    Returns:
+        The group (the world group for None) when `torch.distributed` is available and
+        initialised and the group has at least two ranks; None otherwise.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    if group is None:
+        group = dist.group.WORLD
+    if dist.get_world_size(group) < 2:
+        return None
+    return group
+
+
+def sync_for(group: ProcessGroup | None = None) -> ProcessGroupSync | None:
+    """A `ProcessGroupSync` for `update_state(..., sync=)`, or None when not distributed."""
+    active = active_group(group)
+    return None if active is None else ProcessGroupSync(active)
+
+
+class ProcessGroupSync:
+    """The reductions that keep the state updates of `vqfunc.update_state` equal on all ranks.
+
+    Every method is a collective: all ranks of the group must call it, in the same order, with
+    tensors of the same shapes (which `update_state` guarantees: shapes follow from the
+    configuration, not from the data).
+
+    Args:
+        group: the process group (from `active_group`; it must hold at least two ranks).
+    """
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+
+    def reduce_sum(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Element-wise sums over the ranks, in one all-reduce; the inputs are not changed.
+
+        Args:
+            *tensors: floating tensors of any shapes (all on one device).
+
+        Returns:
+            The sums, shaped and typed like the inputs.
+        """
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        sizes = [t.numel() for t in tensors]
+        return tuple(
+            part.view(t.shape).to(t.dtype)
+            for part, t in zip(flat.split(sizes), tensors, strict=True)
+        )
+
+    def reduce_mean(self, x: Tensor) -> Tensor:
+        """The mean of `x` over the ranks (as DistributedDataParallel averages gradients)."""
+        (total,) = self.reduce_sum(x)
+        return total / self.world_size
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        """`x` of every rank, stacked in rank order: `[W, *x.shape]` (same shape on every rank)."""
+        out = x.new_empty((self.world_size, *x.shape))
+        dist.all_gather_into_tensor(out, x.detach().contiguous(), group=self.group)
+        return out
+
+    def share_candidates(self, candidates: Candidates) -> Candidates:
+        """Candidates that every rank agrees on, drawn from the candidates of all ranks.
+
+        Code `k` takes rank `(k + j) mod W`'s candidate for the smallest `j` whose rank has a
+        valid one; it is invalid only when no rank has a valid candidate for it. One
+        all-gather of the vectors and their validity.
+
+        Args:
+            candidates: this rank's `Candidates` (`[num_books, K, d]`, `[num_books, K]`).
+
+        Returns:
+            `Candidates` of the same shapes, identical on every rank.
+        """
+        vectors = candidates.vectors
+        books, k, d = vectors.shape
+        # Validity travels with the vectors as one extra column: one collective, not two.
+        packed = torch.cat([vectors, candidates.valid.to(vectors.dtype).unsqueeze(-1)], dim=-1)
+        gathered = self.all_gather(packed)  # [W, books, K, d + 1]
+        world = self.world_size
+        code = torch.arange(k, device=vectors.device)
+        # order[j, k]: the rank tried j-th for code k.
+        order = (
+            code.unsqueeze(0) + torch.arange(world, device=vectors.device).unsqueeze(1)
+        ) % world
+        index = order.view(world, 1, k, 1).expand(world, books, k, d + 1)
+        in_order = gathered.gather(0, index)  # [W, books, K, d + 1], by preference
+        valid = in_order[..., d] > 0
+        # argmax returns the first maximum: the first rank in the order with a valid candidate.
+        first = valid.to(torch.uint8).argmax(0)  # [books, K]
+        pick = first.view(1, books, k, 1).expand(1, books, k, d)
+        chosen = in_order[..., :d].gather(0, pick).squeeze(0)
+        return Candidates(chosen, valid.any(0))
+
+
+def warmup_params(
+    params: VQParams,
+    x: Tensor,
+    cfg: VQConfig,
+    *,
+    method: _warmup.WarmupMethod = "data",
+    generator: torch.Generator | None = None,
+    kmeans_iters: int = 20,
+    mask: Tensor | None = None,
+    group: ProcessGroup | None = None,
+) -> VQParams:
+    """`vqfunc.warmup_params` on the vectors of every rank, with the same result on all ranks.
+
+    The vectors of all ranks are gathered on the group's first rank (unequal counts and empty
+    ranks allowed), which fits the codebook with its own `generator` and broadcasts it. Every
+    rank must call this function (it is a collective). Not distributed, it is
+    `vqfunc.warmup_params` on the unmasked vectors of `x`.
+
+    Args:
+        params: current params (identical on all ranks); only the codebook is replaced.
+        x: this rank's `[..., F (at cfg.dim), ...]` data; may hold no vectors.
+        cfg: the static configuration.
+        method: `"data"` or `"kmeans"` (see `vqfunc.warmup_params`).
+        generator: source of randomness; only the first rank's is used.
+        kmeans_iters: Lloyd iterations for `"kmeans"`.
+        mask: optional `[*B]` mask over `x`'s non-feature axes; rows at 0 are left out.
+        group: the process group (None: the default group).
+
+    Returns:
+        New params, identical on every rank.
+
+    Raises:
+        ValueError: on every rank alike, when no rank holds a vector or some rank's vectors
+            are not finite.
+    """
+    fitted = fit_codebook(
+        params,
+        x,
+        cfg,
+        method=method,
+        generator=generator,
+        kmeans_iters=kmeans_iters,
+        mask=mask,
+        group=group,
+    )
+    if fitted is None:
+        raise ValueError(
+            f"warmup_params: x holds no vectors on any rank (this rank's shape "
+            f"{tuple(x.shape)}); expected at least one"
+        )
+    return fitted
+
+
+def fit_codebook(
+    params: VQParams,
+    x: Tensor,
+    cfg: VQConfig,
+    *,
+    method: _warmup.WarmupMethod = "data",
+    generator: torch.Generator | None = None,
+    kmeans_iters: int = 20,
+    mask: Tensor | None = None,
+    group: ProcessGroup | None = None,
+) -> VQParams | None:
+    """`warmup_params`, but None on every rank (instead of an error) when no rank has data.
+
+    Lets a caller that warms up on "the first batch that holds data" (the layer's
+    `kmeans_init`) decide the same way on every rank.
+    """
+    _validate.check_params(params, cfg, where="warmup_params")
+    _validate.check_input(x, cfg, where="warmup_params")
+    rows = _rows(x, params, cfg, mask)
+    active = active_group(group)
+    flat_cfg = cfg.replace(dim=-1)
+    if active is None:
+        if rows.shape[0] == 0:
+            return None
+        return _warmup.warmup_params(
+            params, rows, flat_cfg, method=method, generator=generator, kmeans_iters=kmeans_iters
+        )
+    return _fit_across(params, rows, flat_cfg, method, generator, kmeans_iters, active)
+
+
+def _rows(x: Tensor, params: VQParams, cfg: VQConfig, mask: Tensor | None) -> Tensor:
+    """`x` as `[M, F]` rows in the compute dtype, masked rows dropped (a warm-up host sync)."""
+    dim = cfg.dim % x.ndim
+    rows = x.detach().movedim(dim, -1).reshape(-1, cfg.feature_size)
+    if mask is not None:
+        batch_shape = tuple(x.movedim(dim, -1).shape[:-1])
+        _validate.check_mask(mask, batch_shape, x, where="warmup_params")
+        rows = rows[mask.detach().reshape(-1) > 0]
+    return rows.to(compute_dtype(x, params))
+
+
+def _fit_across(
+    params: VQParams,
+    rows: Tensor,
+    cfg: VQConfig,
+    method: _warmup.WarmupMethod,
+    generator: torch.Generator | None,
+    kmeans_iters: int,
+    group: ProcessGroup,
+) -> VQParams | None:
+    world = dist.get_world_size(group)
+    first = dist.get_global_rank(group, 0)
+    is_first = dist.get_rank(group) == 0
+    device = rows.device
+    # 1. Sizes and non-finite counts of every rank: every rank then takes the same decision.
+    local = torch.tensor(
+        [rows.shape[0], int((~torch.isfinite(rows)).sum())], dtype=torch.long, device=device
+    )
+    info = local.new_empty(world, 2)
+    dist.all_gather_into_tensor(info, local, group=group)
+    counts = info[:, 0].tolist()
+    bad = info[:, 1].tolist()
+    if any(bad):
+        where = ", ".join(f"rank {r}: {b}" for r, b in enumerate(bad) if b)
+        raise ValueError(
+            f"warmup_params: x holds non-finite values (NaN or Inf) ({where}); expected finite "
+            "data to warm the codebook from"
+        )
+    if sum(counts) == 0:
+        return None
+    # 2. Rows of every rank, padded to the largest count, gathered on the first rank.
+    longest = max(counts)
+    padded = rows.new_zeros(longest, rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    gather_list = [torch.empty_like(padded) for _ in range(world)] if is_first else None
+    dist.gather(padded, gather_list, dst=first, group=group)
+    # 3. The first rank fits; a failure there is told to every rank before any broadcast.
+    codebook = params.codebook.detach().clone()
+    status = torch.zeros(1, dtype=torch.long, device=device)
+    error: Exception | None = None
+    if is_first:
+        assert gather_list is not None
+        data = torch.cat([part[:n] for part, n in zip(gather_list, counts, strict=True)])
+        try:
+            fitted = _warmup.warmup_params(
+                params, data, cfg, method=method, generator=generator, kmeans_iters=kmeans_iters
+            )
+            codebook = fitted.codebook.detach().contiguous()
+        except Exception as exc:  # re-raised below, after the other ranks are told
+            error = exc
+            status.fill_(1)
+    dist.broadcast(status, src=first, group=group)
+    if error is not None:
+        raise error
+    if int(status) != 0:
+        raise RuntimeError(
+            "warmup_params: fitting the codebook failed on the group's first rank "
+            f"(global rank {first}); see its error"
+        )
+    dist.broadcast(codebook, src=first, group=group)
+    return params._replace(codebook=codebook)
