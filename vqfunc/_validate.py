@@ -15,6 +15,11 @@ _FLOAT_DTYPES = "float16, bfloat16, float32 or float64"
 
 def check_params(params: object, cfg: VQConfig, *, where: str) -> None:
     """`params` is a `VQParams` of floating tensors shaped as `cfg` says, on one device."""
+    if not isinstance(cfg, VQConfig):
+        raise TypeError(
+            f"{where}: cfg must be a vqfunc.VQConfig (e.g. VQConfig(feature_size=..., "
+            f"num_codes=...) or layer.cfg), got {type(cfg).__name__}"
+        )
     if not isinstance(params, VQParams):
         raise TypeError(
             f"{where}: params must be a VQParams (from vqfunc.init_params(cfg) or layer.params), "
@@ -67,12 +72,15 @@ def check_input(x: object, cfg: VQConfig, *, where: str, name: str = "x") -> int
         )
     dim = normalize_dim(cfg.dim, x.ndim, where=where, name="cfg.dim")
     if x.shape[dim] != cfg.feature_size:
-        candidates = [d - x.ndim for d in range(x.ndim) if x.shape[d] == cfg.feature_size]
+        # Axes of the right size, the last one written as -1 (the usual `[..., F]` layout).
+        candidates = [
+            "-1" if d == x.ndim - 1 else str(d)
+            for d in range(x.ndim)
+            if x.shape[d] == cfg.feature_size
+        ]
         hint = ""
-        if len(candidates) == 1 and candidates[0] == -1:
-            hint = " (did you mean dim=-1?)"
-        elif candidates:
-            hint = f" (did you mean dim={candidates[0] % x.ndim}?)"
+        if candidates:
+            hint = " (did you mean " + " or ".join(f"dim={d}" for d in candidates) + "?)"
         raise ValueError(
             f"{where}: {name} has {x.shape[dim]} features on dim={cfg.dim} (shape "
             f"{tuple(x.shape)}), but cfg.feature_size is {cfg.feature_size}{hint}"

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 
+_NO_BATCH = object()
+
+
 class _StopForward(Exception):
     """Raised by a hook once the layer being warmed has seen its input."""
 
@@ -72,16 +75,22 @@ def codebook_warmup(
     Returns:
         `model`, its VQ layers warmed in place; its training mode is restored.
     """
-    if num_batch < 1:
-        raise ValueError(f"codebook_warmup: num_batch must be >= 1, got {num_batch}")
-    if max_vectors < 1:
-        raise ValueError(f"codebook_warmup: max_vectors must be >= 1, got {max_vectors}")
+    if warmup_method not in ("data", "kmeans"):
+        raise ValueError(
+            f"codebook_warmup: warmup_method must be 'data' or 'kmeans', got {warmup_method!r}"
+        )
+    for name, value in (("num_batch", num_batch), ("max_vectors", max_vectors)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"codebook_warmup: {name} must be an int >= 1, got {value!r}")
     layers = [m for m in model.modules() if isinstance(m, VectorQuantize)]
     if not layers:
         raise ValueError("codebook_warmup: model holds no vqfunc.VectorQuantize layer")
     param = next(model.parameters())
     device = param.device
     was_training = model.training
+    # Every layer's tensors as they were, to put back if any layer fails: the model is either
+    # fully warmed or left unchanged.
+    saved = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers]
     model.eval()
     try:
         for index, layer in enumerate(_forward_order(model, layers, loader, inputs, device)):
@@ -107,6 +116,10 @@ def codebook_warmup(
                 group=process_group,
             )
             layer.load_params(new)
+    except BaseException:
+        for layer, tensors in zip(layers, saved, strict=True):
+            layer.load_state_dict(tensors)
+        raise
     finally:
         model.train(was_training)
     return model
@@ -128,7 +141,9 @@ def _forward_order(
         for layer in layers
     ]
     try:
-        batch = next(iter(loader))
+        batch = next(iter(loader), _NO_BATCH)
+        if batch is _NO_BATCH:
+            raise ValueError("codebook_warmup: loader yielded no batch; expected at least one")
         with torch.no_grad():
             model(_to_device(inputs(batch), device))
     finally:

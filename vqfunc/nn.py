@@ -145,6 +145,11 @@ class VectorQuantize(nn.Module):
         if self.cfg.ema_decay > 0:
             # The EMA owns the codebook: no gradient, so no optimizer moves it as well.
             self.codebook.requires_grad_(False)
+        if self.cfg.affine_lr <= 0:
+            # Empty and unused: with a gradient flag, DistributedDataParallel would wait for
+            # their gradients and fail ("parameters that were not used in producing loss").
+            self.affine_scale.requires_grad_(False)
+            self.affine_bias.requires_grad_(False)
         for name, value in init_state(params, self.cfg)._asdict().items():
             self.register_buffer(name, value)
         self.register_buffer(
@@ -176,6 +181,11 @@ class VectorQuantize(nn.Module):
         With EMA on, the EMA statistics restart from the new codebook (one pseudo-observation
         per code), so that the averages do not pull it back to the old codes.
         """
+        if not isinstance(params, VQParams):
+            raise TypeError(
+                "VectorQuantize.load_params: params must be a VQParams (e.g. from "
+                f"vqfunc.init_params(layer.cfg) or warmup_params), got {type(params).__name__}"
+            )
         own = self.params._asdict()
         for name, value in params._asdict().items():
             if value.shape != own[name].shape:
