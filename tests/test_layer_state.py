@@ -127,3 +127,18 @@ def test_functional_step_matches_the_layer() -> None:
     torch.testing.assert_close(layer.codebook.detach(), params.codebook)
     for a, b in zip(layer.state, state, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_gradients_are_those_of_the_codebook_the_forward_pass_used() -> None:
+    """The in-place update after the forward pass leaves its backward pass intact."""
+    kw = {"dist": "cosine", "affine_lr": 1.0, "replace_freq": 1, "dim": -1}
+    layer = vqfunc.VectorQuantize(6, 8, generator=torch.Generator().manual_seed(0), **kw)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    params = vqfunc.VQParams(*(p.detach().clone().requires_grad_(True) for p in layer.params))
+    z_ref, out = vqfunc.quantize(params, x, layer.cfg)
+    (z_ref.sum() + out.loss).backward()
+    z_q, misc = layer(x)
+    (z_q.sum() + misc["loss"]).backward()
+    assert not torch.equal(layer.codebook.detach(), params.codebook.detach())  # replaced
+    for own, ref in zip(layer.params, params, strict=True):
+        torch.testing.assert_close(own.grad, ref.grad)

@@ -59,7 +59,8 @@ class VectorQuantize(nn.Module):
       quantizing, one step of that optimizer on the codebook loss `mse(sg(z), C[q])`
       (`vqfunc.alternating`); the batch is then quantized with the updated codebook. The
       codebook's accumulated `.grad` is left as it was. The optimizer's own state (e.g.
-      momentum) is not part of `state_dict`.
+      momentum) is not part of `state_dict`. Unlike vqtorch, any `beta` is accepted: the
+      main optimizer still applies the commitment loss's codebook term (weight `beta`).
     - `ema_decay > 0`: after quantizing, the EMA update (`vqfunc.ema`). The codebook is then
       moved by the averages only, so it has `requires_grad=False` and no optimizer moves it.
     - `replace_freq > 0`: after quantizing, dead-code replacement (`vqfunc.replace`).
