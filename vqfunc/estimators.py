@@ -14,8 +14,17 @@ _EPS = 1e-12
 
 
 def straight_through(z: Tensor, z_q: Tensor) -> Tensor:
-    """`z + sg(z_q - z)`: value `z_q`, gradient to `z` the identity."""
-    return z + (z_q - z).detach()
+    """`z + sg(z_q - z)`: value `z_q`, gradient to `z` the identity.
+
+    Written as `sg(z_q) + (z - sg(z))`, which has the same gradient and whose value is
+    exactly `z_q` (`z + (z_q - z)` can be off by a rounding step).
+    """
+    return z_q.detach() + _zero_with_gradient_of(z)
+
+
+def _zero_with_gradient_of(t: Tensor) -> Tensor:
+    """`t - sg(t)`: exactly zero in value (for finite `t`), the gradient of `t`."""
+    return t - t.detach()
 
 
 def rotation_trick(z: Tensor, z_q: Tensor) -> Tensor:
@@ -25,24 +34,32 @@ def rotation_trick(z: Tensor, z_q: Tensor) -> Tensor:
     that takes the direction of `z` onto the direction of `z_q` and `lambda = ||z_q|| / ||z||`.
     With `u = z / ||z||`, `q = z_q / ||z_q||`, `w = (u + q) / ||u + q||`:
     `R = I - 2 w w^T + 2 q u^T`.
+
+    Where `z` is (numerically) zero its direction is undefined and `lambda` unbounded; there
+    the gradient falls back to the straight-through identity (`R = I`, `lambda = 1`).
     """
     with torch.no_grad():
-        z_norm = z.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        raw_norm = z.norm(dim=-1, keepdim=True)
+        defined = (raw_norm > _EPS).to(z.dtype)
+        z_norm = raw_norm.clamp_min(_EPS)
         q_norm = z_q.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        u = z / z_norm
+        u = z / z_norm * defined
         q = z_q / q_norm
         w = u + q
-        w = w / w.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        scale = q_norm / z_norm
+        w = w / w.norm(dim=-1, keepdim=True).clamp_min(_EPS) * defined
+        scale = torch.where(defined > 0, q_norm / z_norm, torch.ones_like(z_norm))
     dot = lambda a, b: (a * b).sum(-1, keepdim=True)  # noqa: E731
     rotated = scale * (z - 2.0 * w * dot(w, z) + 2.0 * q * dot(u, z))
-    # Exact forward value even where the rotation is degenerate (z = 0) or rounds.
-    return rotated + (z_q - rotated).detach()
+    # Value exactly `z_q`, even where the rotation is degenerate (z = 0) or rounds.
+    return z_q.detach() + _zero_with_gradient_of(rotated)
 
 
 def synchronized(z_st: Tensor, z_q: Tensor, nu: float) -> Tensor:
-    """`z_st + nu * z_q - sg(nu * z_q)`: same value, each used code gets `nu` x the gradient."""
-    return z_st + nu * z_q - (nu * z_q).detach()
+    """`z_st + nu * z_q - sg(nu * z_q)`: same value, each used code gets `nu` x the gradient.
+
+    The added term is exactly zero in value, so the output equals `z_st` bit for bit.
+    """
+    return z_st + _zero_with_gradient_of(nu * z_q)
 
 
 def estimate(z: Tensor, z_q: Tensor, cfg: VQConfig) -> Tensor:
