@@ -390,3 +390,12 @@ def test_call_errors_name_the_argument(generator: torch.Generator) -> None:
         vqfunc.residual_dequantize(params, torch.zeros(3, 2), cfg)
     with pytest.raises(ValueError, match="groups=2 and levels=3"):
         ResidualVectorQuantize(4, 6, 2, levels=3)
+
+
+def test_no_vq_turns_the_residual_layer_into_an_identity(generator: torch.Generator) -> None:
+    layer = ResidualVectorQuantize(4, 6, 2, dim=-1, generator=generator)
+    x = torch.randn(3, 4, generator=generator)
+    with vqfunc.no_vq(layer):
+        z_q, misc = layer(x)
+    assert z_q is x and float(misc["loss"]) == 0.0
+    assert not torch.equal(layer(x)[0], x)

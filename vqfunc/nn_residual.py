@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vqfunc.config import Estimator
+from vqfunc.no_vq import vq_disabled_everywhere
 from vqfunc.params import VQParams
 from vqfunc.residual import (
     ResidualConfig,
@@ -88,6 +89,7 @@ class ResidualVectorQuantize(nn.Module):
         params = init_residual_params(self.cfg, generator=generator, device=device, dtype=dtype)
         for name, value in params._asdict().items():
             self.register_parameter(name, nn.Parameter(value))
+        self.vq_enabled = True  # switched off by `vqfunc.no_vq`
 
     @property
     def params(self) -> VQParams:
@@ -121,7 +123,12 @@ class ResidualVectorQuantize(nn.Module):
         )
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.residual_quantize`."""
+        """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.residual_quantize`.
+
+        Inside `vqfunc.no_vq` the layer returns `x` unchanged with a zero loss.
+        """
+        if not self.vq_enabled or vq_disabled_everywhere():
+            return x, {"loss": x.new_zeros(())}
         z_q, out = residual_quantize(self.params, x, self.cfg, mask=mask)
         return z_q, residual_misc_dict(out)
 
