@@ -138,9 +138,7 @@ class ProcessGroupSync:
 
     def all_gather(self, x: Tensor) -> Tensor:
         """`x` of every rank, stacked in rank order: `[W, *x.shape]` (same shape on every rank)."""
-        out = x.new_empty((self.world_size, *x.shape))
-        dist.all_gather_into_tensor(out, x.detach().contiguous(), group=self.group)
-        return out
+        return _all_gather(x, self.group, self.world_size)
 
     def share_candidates(self, candidates: Candidates) -> Candidates:
         """Candidates that every rank agrees on, drawn from the candidates of all ranks.
@@ -174,6 +172,14 @@ class ProcessGroupSync:
         pick = first.view(1, books, k, 1).expand(1, books, k, d)
         chosen = in_order[..., :d].gather(0, pick).squeeze(0)
         return Candidates(chosen, valid.any(0))
+
+
+def _all_gather(x: Tensor, group: ProcessGroup, world: int) -> Tensor:
+    """`[W, *x.shape]`; gathered flat, the one layout every backend accepts."""
+    out = x.new_empty(world * x.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
+    gather(out, x.detach().reshape(-1).contiguous(), group=group)
+    return out.view(world, *x.shape)
 
 
 def warmup_params(
@@ -287,8 +293,7 @@ def _fit_across(
     local = torch.tensor(
         [rows.shape[0], int((~torch.isfinite(rows)).sum())], dtype=torch.long, device=device
     )
-    info = local.new_empty(world, 2)
-    dist.all_gather_into_tensor(info, local, group=group)
+    info = _all_gather(local, group, world)
     counts = info[:, 0].tolist()
     bad = info[:, 1].tolist()
     if any(bad):
