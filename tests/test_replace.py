@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vqfunc
 from vqfunc.affine import effective_codebook
@@ -185,3 +187,65 @@ def test_bad_state_is_refused_with_the_expected_shape() -> None:
     bad = state._replace(replace_counters=torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"replace_counters.*expects shape \(1, 4\)"):
         vqfunc.update_state(params, bad, out, cfg)
+
+
+@settings(max_examples=25)
+@given(
+    groups=st.sampled_from([1, 2]),
+    share=st.booleans(),
+    dist=st.sampled_from(["euclidean", "cosine"]),
+    affine=st.booleans(),
+    ema=st.booleans(),
+    period=st.integers(1, 3),
+    rows=st.integers(0, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_update_invariants(
+    groups: int,
+    share: bool,
+    dist: str,
+    affine: bool,
+    ema: bool,
+    period: int,
+    rows: int,
+    seed: int,
+) -> None:
+    """Inputs unchanged, shapes kept, counters in [0, T], used codes never replaced."""
+    cfg = vqfunc.VQConfig(
+        feature_size=4,
+        num_codes=6 if share else 6 * groups,
+        groups=groups,
+        share=share,
+        dim=-1,
+        dist=dist,  # type: ignore[arg-type]
+        affine_lr=1.0 if affine else 0.0,
+        replace_freq=period,
+        ema_decay=0.5 if ema else 0.0,
+    )
+    g = torch.Generator().manual_seed(seed)
+    params = vqfunc.init_params(cfg, generator=g)
+    if affine:
+        params = params._replace(affine_bias=torch.randn(params.affine_bias.shape, generator=g))
+    x = torch.randn(rows, 4, generator=g)
+    mask = torch.rand(rows, generator=g) > 0.3
+    state = vqfunc.init_state(params, cfg)
+    state = state._replace(
+        replace_counters=torch.randint(0, period + 1, state.replace_counters.shape, generator=g)
+    )
+    originals = (*params, *state)
+    snapshot = [t.clone() for t in originals]
+    for _ in range(2):
+        _, out = vqfunc.quantize(params, x, cfg, mask=mask)
+        new, new_state = vqfunc.update_state(params, state, out, cfg, mask=mask, generator=g)
+        assert [t.shape for t in new] == [t.shape for t in params]
+        assert [t.shape for t in new_state] == [t.shape for t in state]
+        counters = new_state.replace_counters
+        assert ((counters >= 0) & (counters <= period)).all()
+        assert (counters[out.histogram > 0] == period).all()
+        used = (out.histogram > 0).reshape(cfg.codebook_shape[:-1])
+        if not ema:  # with EMA every code is recomputed from its averages
+            assert torch.equal(new.codebook[used], params.codebook[used])
+        assert torch.isfinite(new.codebook).all()
+        params, state = new, new_state
+    for a, b in zip(originals, snapshot, strict=True):
+        assert torch.equal(a, b)  # the inputs of the first step were not mutated
