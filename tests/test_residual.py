@@ -399,3 +399,16 @@ def test_no_vq_turns_the_residual_layer_into_an_identity(generator: torch.Genera
         z_q, misc = layer(x)
     assert z_q is x and float(misc["loss"]) == 0.0
     assert not torch.equal(layer(x)[0], x)
+
+
+def test_vmap_over_param_sets_equals_a_loop(generator: torch.Generator) -> None:
+    cfg = ResidualConfig(feature_size=6, num_codes=12, levels=3, share=False, dim=-1, sync_nu=0.5)
+    sets = [vqfunc.init_residual_params(cfg, generator=generator) for _ in range(3)]
+    stacked = VQParams(*(torch.stack(fields) for fields in zip(*sets, strict=True)))
+    x = torch.randn(10, 6, generator=generator)
+    z_q, out = torch.func.vmap(lambda p: vqfunc.residual_quantize(p, x, cfg))(stacked)
+    for i, params in enumerate(sets):
+        want_z_q, want = vqfunc.residual_quantize(params, x, cfg)
+        torch.testing.assert_close(z_q[i], want_z_q)
+        assert torch.equal(out.codes[i], want.codes)
+        torch.testing.assert_close(out.loss[i], want.loss)
