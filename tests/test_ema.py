@@ -168,3 +168,28 @@ def test_update_is_refused_when_ema_is_off() -> None:
     stats = vqfunc.EMAStatistics(torch.zeros(1, 2), torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match="ema_decay is 0"):
         vqfunc.ema_update(params, state, stats, cfg)
+
+
+def test_update_state_vmaps_over_an_ensemble_like_a_loop() -> None:
+    cfg = vqfunc.VQConfig(feature_size=4, num_codes=8, dim=-1, ema_decay=0.9, replace_freq=1)
+    members = [
+        vqfunc.init_params(cfg, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    states = [vqfunc.init_state(p, cfg) for p in members]
+    draws = [
+        vqfunc.draw_replace_randomness(10, cfg, generator=torch.Generator().manual_seed(i))
+        for i in range(3)
+    ]
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(9))
+
+    def step(params, state, randomness):  # type: ignore[no-untyped-def]
+        _, out = vqfunc.quantize(params, x, cfg)
+        return vqfunc.update_state(params, state, out, cfg, randomness=randomness)
+
+    stack = lambda records: type(records[0])(*(torch.stack(t) for t in zip(*records, strict=True)))  # noqa: E731
+    batched = torch.func.vmap(step)(stack(members), stack(states), stack(draws))
+    for i in range(3):
+        params, state = step(members[i], states[i], draws[i])
+        torch.testing.assert_close(batched[0].codebook[i], params.codebook)
+        for a, b in zip(batched[1], state, strict=True):
+            torch.testing.assert_close(a[i], b)
