@@ -412,3 +412,31 @@ def test_vmap_over_param_sets_equals_a_loop(generator: torch.Generator) -> None:
         torch.testing.assert_close(z_q[i], want_z_q)
         assert torch.equal(out.codes[i], want.codes)
         torch.testing.assert_close(out.loss[i], want.loss)
+
+
+def test_kmeans_init_fits_once_on_the_first_training_batch(generator: torch.Generator) -> None:
+    layer = ResidualVectorQuantize(4, 6, 2, False, dim=-1, kmeans_init=True, generator=generator)
+    x = torch.randn(40, 4, generator=generator)
+    layer.eval()
+    layer(x)  # evaluation mode fits nothing
+    assert not layer.kmeans_initialized
+    before = VQParams(*(p.detach().clone() for p in layer.params))
+
+    # Under functional_call the given tensors are never written.
+    given = VQParams(*(p.clone() for p in before))
+    layer.train()
+    torch.func.functional_call(layer, given._asdict(), (x,))
+    assert torch.equal(given.codebook, before.codebook) and not layer.kmeans_initialized
+
+    torch.manual_seed(5)
+    layer(x)
+    torch.manual_seed(5)
+    want = vqfunc.residual_warmup_params(before, x, layer.cfg, method="kmeans")
+    assert torch.equal(layer.codebook, want.codebook) and layer.kmeans_initialized
+    layer(torch.randn(40, 4, generator=generator))  # fitted once only
+    assert torch.equal(layer.codebook, want.codebook)
+
+    fresh = ResidualVectorQuantize(4, 6, 2, False, dim=-1, kmeans_init=True)
+    fresh.load_state_dict(layer.state_dict())
+    fresh(torch.randn(40, 4, generator=generator))
+    assert torch.equal(fresh.codebook, want.codebook)

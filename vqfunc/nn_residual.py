@@ -34,6 +34,11 @@ class ResidualVectorQuantize(nn.Module):
     `"d"`), `"residuals"` (alias `"z_res"`), `"perplexity"`, `"z"`, `"z_q"` and `"histogram"`
     (see `ResidualOutput`).
 
+    With `kmeans_init=True` the first batch seen in training mode fits the codebooks with
+    k-means, level after level (`residual_warmup_params(method="kmeans")`), once; the buffer
+    `kmeans_initialized` records it (and travels in `state_dict`). Under
+    `torch.func.functional_call` the layer never writes to the tensors it is given.
+
     As in vqtorch, `groups` is the number of residual levels (`levels=` says the same), and
     with `share=False` `num_codes` counts the codes of all levels together. Unlike vqtorch,
     codes index the level's own codebook (vqtorch adds the offset `level * num_codes // groups`)
@@ -43,12 +48,14 @@ class ResidualVectorQuantize(nn.Module):
         feature_size, num_codes, groups, share, dim, beta, affine_lr, affine_groups, sync_nu,
         estimator: see `ResidualConfig` (`groups` is its `levels`).
         levels: the number of levels, a clearer name for `groups`; give one or the other.
+        kmeans_init: warm the codebooks with k-means on the first training batch.
         generator, device, dtype: go to `init_residual_params`.
     """
 
     codebook: nn.Parameter
     affine_scale: nn.Parameter
     affine_bias: nn.Parameter
+    kmeans_initialized: Tensor
 
     def __init__(
         self,
@@ -64,6 +71,7 @@ class ResidualVectorQuantize(nn.Module):
         affine_groups: int = 1,
         sync_nu: float = 0.0,
         estimator: Estimator = "ste",
+        kmeans_init: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -90,6 +98,13 @@ class ResidualVectorQuantize(nn.Module):
         for name, value in params._asdict().items():
             self.register_parameter(name, nn.Parameter(value))
         self.vq_enabled = True  # switched off by `vqfunc.no_vq`
+        self.kmeans_init = bool(kmeans_init)
+        self.register_buffer(
+            "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
+        )
+        self._kmeans_done: bool | None = None  # Python mirror of the buffer: no device reads
+        self._remember_own_codebook()
+        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def params(self) -> VQParams:
@@ -129,15 +144,63 @@ class ResidualVectorQuantize(nn.Module):
         """
         if not self.vq_enabled or vq_disabled_everywhere():
             return x, {"loss": x.new_zeros(())}
+        if self.training and self.kmeans_init and not self._kmeans_is_done():
+            self._kmeans_warmup(x, mask)
         z_q, out = residual_quantize(self.params, x, self.cfg, mask=mask)
         return z_q, residual_misc_dict(out)
 
+    def _remember_own_codebook(self) -> None:
+        # Kept outside `_parameters` (a plain `__dict__` entry), so it is not a second parameter.
+        self.__dict__["_own_codebook"] = self.codebook
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ResidualVectorQuantize:
+        # `.to()`, `.double()` may bind new parameter objects.
+        result = super()._apply(fn, recurse)
+        self._remember_own_codebook()
+        return result
+
+    def _kmeans_is_done(self) -> bool:
+        if self._kmeans_done is None:
+            self._kmeans_done = bool(self.kmeans_initialized)
+        return self._kmeans_done
+
+    @torch.no_grad()
+    def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
+        if self.codebook is not self.__dict__["_own_codebook"]:  # functional_call: stay pure
+            return
+        rows = x.detach().movedim(self.cfg.dim % x.ndim, -1).reshape(-1, self.cfg.feature_size)
+        if mask is not None:
+            rows = rows[mask.reshape(-1).to(torch.bool)]  # once per layer, so a sync is fine
+        if rows.shape[0] == 0:
+            return  # nothing to fit yet: try again on the next batch
+        fitted = residual_warmup_params(
+            self.params, rows, self.cfg.replace(dim=-1), method="kmeans"
+        )
+        self.load_params(fitted)
+        self.kmeans_initialized.fill_(True)
+        self._kmeans_done = True
+
     def extra_repr(self) -> str:
         c = self.cfg
-        return (
+        text = (
             f"feature_size={c.feature_size}, num_codes={c.num_codes}, levels={c.levels}, "
             f"share={c.share}, dim={c.dim}"
         )
+        for name in ("affine_lr", "sync_nu"):
+            if getattr(c, name):
+                text += f", {name}={getattr(c, name)}"
+        if c.estimator != "ste":
+            text += f", estimator={c.estimator!r}"
+        if self.kmeans_init:
+            text += ", kmeans_init=True"
+        return text
+
+
+def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    # The k-means flag may have changed, and `load_state_dict(assign=True)` binds new tensors.
+    assert isinstance(module, ResidualVectorQuantize)
+    module._kmeans_done = None
+    module._remember_own_codebook()
 
 
 def residual_misc_dict(out: ResidualOutput) -> dict[str, Any]:
