@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
@@ -26,7 +27,11 @@ settings.register_profile(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile("vqfunc")
+# A long random search for local runs: VQFUNC_HYPOTHESIS_PROFILE=thorough pytest ...
+settings.register_profile(
+    "thorough", parent=settings.get_profile("vqfunc"), max_examples=1000, derandomize=False
+)
+settings.load_profile(os.environ.get("VQFUNC_HYPOTHESIS_PROFILE", "vqfunc"))
 
 
 @pytest.fixture(scope="session")
