@@ -370,6 +370,11 @@ def test_config_errors_name_the_argument(changes: dict[str, Any], message: str) 
     assert message in str(info.value)
 
 
+def test_config_refuses_a_non_int_dim() -> None:
+    with pytest.raises(TypeError, match="ResidualConfig: dim must be an int, got 'x'"):
+        ResidualConfig(feature_size=4, num_codes=6, dim="x")  # type: ignore[arg-type]
+
+
 def test_call_errors_name_the_argument(generator: torch.Generator) -> None:
     cfg = ResidualConfig(feature_size=4, num_codes=6, levels=2, share=False, dim=-1)
     params = vqfunc.init_residual_params(cfg, generator=generator)

@@ -81,6 +81,7 @@ class ResidualConfig:
             )
         try:  # the remaining scalars are checked by VQConfig, under this class's name
             self.book_config()
+            self.level_config()
         except (ValueError, TypeError) as error:
             message = str(error).replace("VQConfig:", "ResidualConfig:")
             raise type(error)(message) from None
