@@ -206,6 +206,8 @@ def test_codebook_warmup_bad_arguments() -> None:
         codebook_warmup(model, loader, max_vectors=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"loader yielded no batch"):
         codebook_warmup(model, [], progress_bar=False)
+    with pytest.raises(TypeError, match=r"loader must be re-iterable .* got the one-shot"):
+        codebook_warmup(model, iter(loader))
     with pytest.raises(ValueError, match=r"holds no vqfunc.VectorQuantize layer"):
         codebook_warmup(nn.Linear(4, 4), loader)
 

@@ -82,6 +82,12 @@ def codebook_warmup(
     for name, value in (("num_batch", num_batch), ("max_vectors", max_vectors)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"codebook_warmup: {name} must be an int >= 1, got {value!r}")
+    if iter(loader) is loader:
+        # A one-shot iterator would be used up by the first layer (and by finding the order).
+        raise TypeError(
+            f"codebook_warmup: loader must be re-iterable (e.g. a list or a DataLoader), got "
+            f"the one-shot iterator {type(loader).__name__}; pass list(loader) or the DataLoader"
+        )
     layers = [m for m in model.modules() if isinstance(m, VectorQuantize)]
     if not layers:
         raise ValueError("codebook_warmup: model holds no vqfunc.VectorQuantize layer")
