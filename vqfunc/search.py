@@ -1,17 +1,39 @@
 """Nearest-code search: the one hot path of the library.
 
 `nearest_codes(vectors [N, d], codebook [K, d]) -> (codes [N], distances [N])`, exact
-Euclidean nearest codes. Rows are processed in chunks so that no `N x K` matrix is ever
-materialised: peak extra memory is one `chunk x K` block.
+Euclidean nearest codes, ranked by `||c||^2 / 2 - z.c` (the same argmin as `||z - c||`).
+
+Two implementations give the same codes (ties aside):
+
+- a fused distance + argmin kernel for float32 on x86-64 CPUs with AVX2 and FMA
+  (`vqfunc/_nearest_kernel.c`, built on first use, see `vqfunc/_cpu_kernel.py`): it keeps a
+  running minimum in registers and never writes a score to memory, so small code dimensions are
+  not memory-bound;
+- pure torch everywhere else (float64, CUDA, other CPUs, or `VQFUNC_CPU_KERNEL=0`): chunked
+  `addmm` + `argmin`, with chunks sized so that one `chunk x K` score block stays in cache.
+
+Either way peak extra memory is bounded by a chunk (or a few KiB per thread), never `N x K`.
+
+The search is the custom operator `torch.ops.vqfunc.nearest_codes`, so it composes with
+`torch.compile(fullgraph=True)` (a fake implementation gives shapes) and with `torch.func.vmap`
+(a batching rule searches a stack of vectors against one codebook as one pooled batch and loops
+over stacked codebooks). It has no gradient: codes are integers and the distances are
+reported, not differentiated (`quantize` differentiates `z - z_q` itself).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from vqfunc import _cpu_kernel
+
 # Elements of one `chunk x K` score block: 2**18 float32 scores are 1 MiB, which stays in cache.
 _BLOCK_ELEMENTS = 1 << 18
+# Rows per chunk of the exact distance computation (a `chunk x d` difference at a time).
+_DISTANCE_ROWS = 1 << 14
 
 
 def search_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,31 +46,95 @@ def chunk_rows(num_codes: int) -> int:
     return max(1, _BLOCK_ELEMENTS // max(num_codes, 1))
 
 
-@torch.no_grad()
+def uses_cpu_kernel(vectors: Tensor, codebook: Tensor) -> bool:
+    """Whether `nearest_codes` on these (search-dtype) tensors runs the compiled CPU kernel."""
+    return (
+        vectors.device.type == "cpu"
+        and codebook.device.type == "cpu"
+        and vectors.dtype == torch.float32
+        and codebook.dtype == torch.float32
+        and _cpu_kernel.available()
+    )
+
+
+def torch_nearest_codes(vectors: Tensor, codebook: Tensor) -> Tensor:
+    """Codes `[N]` by chunked `addmm` + `argmin`: the pure-torch path, any device and dtype."""
+    half_sq_norms = 0.5 * codebook.square().sum(-1)
+    step = chunk_rows(codebook.shape[0])
+    parts = []
+    # At least one (possibly empty) chunk, so an empty batch flows through the same ops.
+    for start in range(0, max(vectors.shape[0], 1), step):
+        block = torch.addmm(half_sq_norms, vectors[start : start + step], codebook.t(), alpha=-1.0)
+        parts.append(block.argmin(-1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _exact_distances(vectors: Tensor, codebook: Tensor, codes: Tensor) -> Tensor:
+    """`||vectors - codebook[codes]||` per row, a chunk of rows at a time."""
+    parts = [
+        (vectors[s : s + _DISTANCE_ROWS] - codebook[codes[s : s + _DISTANCE_ROWS]]).norm(dim=-1)
+        for s in range(0, max(vectors.shape[0], 1), _DISTANCE_ROWS)
+    ]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@torch.library.custom_op("vqfunc::nearest_codes", mutates_args=())
+def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    if vectors.shape[0] > 0 and codebook.shape[0] > 0 and uses_cpu_kernel(vectors, codebook):
+        codes = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    else:
+        codes = torch_nearest_codes(vectors, codebook)
+    return codes, _exact_distances(vectors, codebook, codes)
+
+
+@_nearest_codes_op.register_fake
+def _(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    n = vectors.shape[0]
+    return vectors.new_empty(n, dtype=torch.int64), vectors.new_empty(n)
+
+
+def _batching_rule(
+    info: Any, in_dims: tuple[int | None, int | None], vectors: Tensor, codebook: Tensor
+) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+    vectors_dim, codebook_dim = in_dims
+    if codebook_dim is None:
+        # One codebook for the whole stack: search every row as one pooled batch, in the
+        # stack's own memory order (no copy when it is contiguous).
+        assert vectors_dim is not None
+        batch_shape = vectors.shape[:-1]
+        codes, distances = _nearest_codes_op(vectors.reshape(-1, vectors.shape[-1]), codebook)
+        return (codes.view(batch_shape), distances.view(batch_shape)), (vectors_dim, vectors_dim)
+    # Stacked codebooks: one search per codebook.
+    books = codebook.movedim(codebook_dim, 0)
+    rows = vectors if vectors_dim is None else vectors.movedim(vectors_dim, 0)
+    results = [
+        _nearest_codes_op(rows if vectors_dim is None else rows[i], books[i])
+        for i in range(books.shape[0])
+    ]
+    codes = torch.stack([r[0] for r in results])
+    distances = torch.stack([r[1] for r in results])
+    return (codes, distances), (0, 0)
+
+
+torch.library.register_vmap("vqfunc::nearest_codes", _batching_rule)
+
+
 def nearest_codes(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Index and Euclidean distance of the nearest code of every vector.
 
-    Ranks by `||c||^2 - 2 z.c` (same argmin as `||z - c||`) in at least float32, then computes
-    the exact distance to the chosen code.
+    Ranks by `||c||^2 / 2 - z.c` in at least float32 (float32 for half inputs), then computes
+    the exact distance to the chosen code. Works under `torch.func.vmap` and `torch.compile`;
+    carries no gradient.
 
     Args:
         vectors: `[N, d]` floating tensor.
         codebook: `[K, d]` floating tensor on the same device.
 
     Returns:
-        codes: `[N]` int64 indices into `codebook`.
+        codes: `[N]` int64 indices into `codebook` (the first of tied codes).
         distances: `[N]` Euclidean distances `||z - codebook[codes]||` in the search dtype.
     """
     dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
-    z = vectors.to(dtype)
-    c = codebook.to(dtype)
-    half_sq_norms = 0.5 * (c * c).sum(-1)
-    step = chunk_rows(c.shape[0])
-    parts = []
-    # At least one (possibly empty) chunk, so an empty batch flows through the same ops.
-    for start in range(0, max(z.shape[0], 1), step):
-        block = torch.addmm(half_sq_norms, z[start : start + step], c.t(), alpha=-1.0)
-        parts.append(block.argmin(-1))
-    codes = torch.cat(parts) if len(parts) > 1 else parts[0]
-    distances = (z - c[codes]).norm(dim=-1)
-    return codes, distances
+    z = vectors.detach().to(dtype)
+    c = codebook.detach().to(dtype)
+    return _nearest_codes_op(z, c)

@@ -1,0 +1,176 @@
+"""The compiled CPU search kernel: built on first use, loaded with ctypes, optional.
+
+`_nearest_kernel.c` is a plain C file (no torch headers, no Python API), so it builds in about a
+second with the system C compiler and needs neither ninja nor a build step at install time.
+The shared library is cached under `$VQFUNC_CACHE_DIR` (default `~/.cache/vqfunc`), keyed by a
+hash of the source, compiler and flags. Any failure (no compiler, not x86-64 with AVX2 and FMA,
+a read-only cache) makes `available()` false, and the search uses its pure-torch path.
+Set `VQFUNC_CPU_KERNEL=0` to disable the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("_nearest_kernel.c")
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
+# Codes per panel and per group, as in the C source: codebooks are padded to whole groups.
+PANEL = 16
+GROUP = 64
+# Below this many score evaluations per thread a second thread costs more than it saves.
+_MIN_WORK_PER_THREAD = 1 << 20
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("VQFUNC_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vqfunc"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + compiler.encode() + " ".join(_FLAGS).encode() + platform.machine().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"nearest_kernel_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: concurrent processes never see a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, "-o", tmp, str(_SOURCE)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("VQFUNC_CPU_KERNEL", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lib.vq_supported.restype = ctypes.c_int
+    if not lib.vq_supported():
+        return None
+    lib.vq_nearest_f32.restype = ctypes.c_int
+    lib.vq_nearest_f32.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can run on this machine (builds it on first call)."""
+    return _library() is not None
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    # ctypes releases the GIL during the call, so plain Python threads run the row ranges
+    # in parallel; the pool is created once and reused.
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        return _pool
+
+
+def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """`[K, d]` float32 -> (panels `[P, d, 16]`, half squared norms `[P * 16]`), padded to groups.
+
+    Padding codes have half norm `+inf` so that they never win.
+    """
+    k, d = codebook.shape
+    padded_k = -(-max(k, 1) // GROUP) * GROUP
+    padded = codebook.new_zeros(padded_k, d)
+    padded[:k] = codebook
+    half_norms = torch.full((padded_k,), float("inf"), dtype=torch.float32)
+    half_norms[:k] = 0.5 * codebook.square().sum(-1)
+    panels = padded.view(padded_k // PANEL, PANEL, d).transpose(1, 2).contiguous()
+    return panels, half_norms
+
+
+def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> Tensor:
+    """Codes `[N]` int64 of the nearest rows of `codebook` `[K, d]` for `vectors` `[N, d]`.
+
+    Both float32 on CPU; requires `available()`. Uses `torch.get_num_threads()` threads.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
+    x = vectors.contiguous()
+    n, d = x.shape
+    k = codebook.shape[0]
+    codes = torch.zeros(n, dtype=torch.int64)
+    if n == 0 or k == 0:
+        return codes
+    panels, half_norms = pack_codebook(codebook.contiguous())
+    groups = half_norms.shape[0] // GROUP
+    args = (x.data_ptr(), d, panels.data_ptr(), half_norms.data_ptr(), groups, k, codes.data_ptr())
+
+    def run(begin: int, end: int) -> None:
+        status = lib.vq_nearest_f32(args[0], begin, end, *args[1:])
+        if status != 0:
+            raise RuntimeError(f"vqfunc CPU kernel failed with status {status}")
+
+    work = n * groups * GROUP * max(d, 1)
+    threads = max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD, -(-n // 4)))
+    if threads == 1:
+        run(0, n)
+        return codes
+    # Row ranges in multiples of the 4-row tile, so no thread repeats rows of another.
+    step = -(-n // (4 * threads)) * 4
+    futures = [_thread_pool().submit(run, b, min(b + step, n)) for b in range(0, n, step)]
+    for future in futures:
+        future.result()
+    return codes
