@@ -43,12 +43,20 @@ def test_wrong_feature_size_suggests_the_likely_dim(params: VQParams) -> None:
 
 def test_dim_out_of_range(params: VQParams) -> None:
     with pytest.raises(IndexError) as info:
-        quantize(params, torch.randn(8, 8), CFG.replace(dim=3))
+        quantize(params, torch.randn(3, 5), CFG.replace(dim=3))
     message = str(info.value)
     assert "cfg.dim=3" in message and "rank 2" in message and "[-2, 1]" in message
-    # A single [F] vector with the default dim=1 explains the fix.
-    with pytest.raises(IndexError, match=re.escape("use dim=-1 or dim=0")):
+    # With an axis of the right size, the message suggests it.
+    with pytest.raises(IndexError) as info:
+        quantize(params, torch.randn(3, 8), CFG.replace(dim=2))
+    message = str(info.value)
+    assert "cfg.dim=2 is out of range for x of shape (3, 8)" in message
+    assert "did you mean dim=-1?" in message
+    # A single [F] vector with vqtorch's default dim=1.
+    with pytest.raises(IndexError, match=re.escape("(did you mean dim=-1?)")):
         quantize(params, torch.randn(8), CFG)
+    with pytest.raises(IndexError, match=re.escape("use dim=-1 or dim=0")):
+        quantize(params, torch.randn(5), CFG)
 
 
 def test_scalar_input(params: VQParams) -> None:

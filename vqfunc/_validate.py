@@ -70,17 +70,20 @@ def check_input(x: object, cfg: VQConfig, *, where: str, name: str = "x") -> int
             f"{where}: {name} is a scalar; expected a tensor of rank >= 1 with "
             f"feature_size={cfg.feature_size} on dim={cfg.dim}"
         )
+    # Axes of the right size, the last one written as -1 (the usual `[..., F]` layout).
+    candidates = [
+        "-1" if d == x.ndim - 1 else str(d) for d in range(x.ndim) if x.shape[d] == cfg.feature_size
+    ]
+    hint = ""
+    if candidates:
+        hint = " (did you mean " + " or ".join(f"dim={d}" for d in candidates) + "?)"
+    if not -x.ndim <= cfg.dim < x.ndim and candidates:
+        raise IndexError(
+            f"{where}: cfg.dim={cfg.dim} is out of range for {name} of shape {tuple(x.shape)} "
+            f"(rank {x.ndim}; expected a value in [{-x.ndim}, {x.ndim - 1}]){hint}"
+        )
     dim = normalize_dim(cfg.dim, x.ndim, where=where, name="cfg.dim")
     if x.shape[dim] != cfg.feature_size:
-        # Axes of the right size, the last one written as -1 (the usual `[..., F]` layout).
-        candidates = [
-            "-1" if d == x.ndim - 1 else str(d)
-            for d in range(x.ndim)
-            if x.shape[d] == cfg.feature_size
-        ]
-        hint = ""
-        if candidates:
-            hint = " (did you mean " + " or ".join(f"dim={d}" for d in candidates) + "?)"
         raise ValueError(
             f"{where}: {name} has {x.shape[dim]} features on dim={cfg.dim} (shape "
             f"{tuple(x.shape)}), but cfg.feature_size is {cfg.feature_size}{hint}"
