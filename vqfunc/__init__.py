@@ -1,5 +1,7 @@
 """vqfunc: vector quantization for PyTorch with a functional, JAX-style core."""
 
+from vqfunc import checkpoint as checkpoint
+from vqfunc import distributed as distributed
 from vqfunc.aliases import GroupVectorQuant as GroupVectorQuant
 from vqfunc.aliases import ResidualVectorQuant as ResidualVectorQuant
 from vqfunc.aliases import VectorQuant as VectorQuant
