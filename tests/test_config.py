@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
+import vqfunc
 from vqfunc import VQConfig
 
 
@@ -84,3 +86,46 @@ def test_bad_values_are_named(kwargs: dict[str, object], pattern: str) -> None:
     with pytest.raises((TypeError, ValueError), match=pattern) as info:
         VQConfig(**{"feature_size": 12, "num_codes": 24, **kwargs})  # type: ignore[arg-type]
     assert str(info.value).startswith("VQConfig: ")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "codebook", "affine"),
+    [
+        ({}, (24, 12), (0, 12)),
+        ({"affine_lr": 1.0}, (24, 12), (1, 12)),
+        ({"groups": 3, "share": False, "affine_lr": 1.0, "affine_groups": 2}, (3, 8, 4), (3, 2, 4)),
+    ],
+)
+def test_init_params_shapes(
+    kwargs: dict[str, object], codebook: tuple[int, ...], affine: tuple[int, ...]
+) -> None:
+    cfg = VQConfig(feature_size=12, num_codes=24, **kwargs)  # type: ignore[arg-type]
+    params = vqfunc.init_params(cfg, dtype=torch.float64)
+    assert params.codebook.shape == codebook
+    assert params.affine_scale.shape == params.affine_bias.shape == affine
+    assert all(t.dtype == torch.float64 for t in params)
+    # Raw affine parameters start at 0, so a fresh layer is not transformed.
+    assert not params.affine_scale.any() and not params.affine_bias.any()
+    assert params.affine_scale is not params.affine_bias
+
+
+def test_init_params_same_seed_same_codebook() -> None:
+    cfg = VQConfig(feature_size=4, num_codes=8)
+
+    def draw(seed: int, **kwargs: object) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return vqfunc.init_params(cfg, generator=gen, **kwargs).codebook  # type: ignore[arg-type]
+
+    assert torch.equal(draw(3), draw(3))
+    assert torch.equal(draw(3), draw(3, device="cpu"))
+    assert not torch.equal(draw(3), draw(4))
+    assert vqfunc.init_params(cfg, generator=torch.Generator(), device="meta").codebook.is_meta
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_init_params_cpu_generator_seeds_a_cuda_codebook() -> None:
+    cfg = VQConfig(feature_size=4, num_codes=8)
+    cpu = vqfunc.init_params(cfg, generator=torch.Generator().manual_seed(0))
+    cuda = vqfunc.init_params(cfg, generator=torch.Generator().manual_seed(0), device="cuda")
+    assert cuda.codebook.is_cuda and cuda.affine_scale.is_cuda
+    assert torch.equal(cuda.codebook.cpu(), cpu.codebook)

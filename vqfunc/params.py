@@ -45,7 +45,9 @@ def init_params(
     Args:
         cfg: the quantizer's configuration.
         generator: source of randomness; the same seed gives the same codebook.
-        device: where to create the tensors (default: the generator's device, else CPU).
+        device: where to create the tensors (default: the generator's device, else the
+            default device); the values are drawn on the generator's device, so they do not
+            depend on `device`.
         dtype: floating dtype of the tensors (default: `torch.get_default_dtype()`).
 
     Returns:
@@ -56,6 +58,11 @@ def init_params(
         raise TypeError(f"init_params: dtype must be a floating dtype, got {dtype}")
     if device is None and generator is not None:
         device = generator.device
-    codebook = torch.randn(cfg.codebook_shape, generator=generator, device=device, dtype=dtype)
+    # Sample where the generator lives, then move: a CPU generator also seeds a CUDA codebook,
+    # with the same values on every device.
+    sample_device = generator.device if generator is not None else device
+    codebook = torch.randn(
+        cfg.codebook_shape, generator=generator, device=sample_device, dtype=dtype
+    ).to(device)
     zeros = torch.zeros(affine_shape(cfg), device=codebook.device, dtype=dtype)
     return VQParams(codebook=codebook, affine_scale=zeros, affine_bias=zeros.clone())
