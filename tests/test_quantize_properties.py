@@ -2,7 +2,7 @@
 
 Inputs range over rank (1..4), the feature axis `dim` (given positive or negative), groups,
 shared or separate codebooks, Euclidean or cosine distance (with and without
-`vector_normalize`), the four floating dtypes, and empty batches.
+`vector_normalize`), affine codebooks, the four floating dtypes, and empty batches.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def cases(draw: st.DrawFn, *, allow_empty: bool = True) -> Case:
     )
     shape = list(batch_sizes)
     shape.insert(axis, feature_size)
+    affine_lr = draw(st.sampled_from([0.0, 0.0, 1.5]))
+    affine_groups = draw(st.sampled_from([k for k in (1, 2, 3) if codes_per_book % k == 0]))
     cfg = VQConfig(
         feature_size=feature_size,
         num_codes=num_codes,
@@ -56,6 +58,8 @@ def cases(draw: st.DrawFn, *, allow_empty: bool = True) -> Case:
         groups=groups,
         share=share,
         beta=draw(st.sampled_from([0.0, 0.25, 0.95, 1.0])),
+        affine_lr=affine_lr,
+        affine_groups=affine_groups,
     )
     return Case(cfg, tuple(shape), draw(st.sampled_from(DTYPES)), draw(st.integers(0, 2**16)))
 
@@ -66,6 +70,12 @@ def make_inputs(case: Case) -> tuple[vqfunc.VQParams, torch.Tensor]:
     # so that `dequantize` (which works in the params' dtype) can match `out.z_q` bit for bit.
     params_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
     params = vqfunc.init_params(case.cfg, generator=g, dtype=params_dtype)
+    # Non-trivial affine parameters (they start at 0), so the effective codebook differs.
+    scale, bias = params.affine_scale, params.affine_bias
+    params = params._replace(
+        affine_scale=0.3 * torch.randn(scale.shape, generator=g, dtype=params_dtype),
+        affine_bias=0.3 * torch.randn(bias.shape, generator=g, dtype=params_dtype),
+    )
     x = (1.5 * torch.randn(case.shape, generator=g, dtype=torch.float64)).to(case.dtype)
     return params, x
 
@@ -77,6 +87,12 @@ def reference_rows(
     axis = cfg.dim % x.ndim
     rows = x.to(torch.float64).movedim(axis, -1).reshape(-1, cfg.groups, cfg.code_dim)
     books = params.codebook.to(torch.float64)
+    if cfg.affine_lr > 0:
+        # Code k of a book uses the scale and bias of its block k // (K / affine_groups).
+        block = torch.arange(cfg.codes_per_book) // (cfg.codes_per_book // cfg.affine_groups)
+        scale = 1.0 + cfg.affine_lr * params.affine_scale.to(torch.float64)[..., block, :]
+        bias = cfg.affine_lr * params.affine_bias.to(torch.float64)[..., block, :]
+        books = books * scale + bias
     books = books.expand(cfg.groups, *books.shape) if cfg.share else books
     if cfg.dist == "cosine":
         rows, books = F.normalize(rows, dim=-1), F.normalize(books, dim=-1)
