@@ -31,7 +31,7 @@ _FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
 PANEL = 16
 GROUP = 64
 # Below this many score evaluations per thread a second thread costs more than it saves.
-_MIN_WORK_PER_THREAD = 1 << 20
+_MIN_WORK_PER_THREAD = 1 << 23
 
 
 def _cache_dir() -> Path:

@@ -1,0 +1,61 @@
+"""`python -m vqfunc.bench`: it runs, and every method finds the same codes (never timings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqfunc import bench
+
+
+@pytest.fixture
+def keep_threads():  # type: ignore[no-untyped-def]
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_quick_run_prints_a_table_where_all_methods_agree(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = bench.main(["--quick", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert status == 0
+    table = out.split("\n\n")[-1].strip().splitlines()
+    assert "search ms" in table[0] and "faiss" in table[0]
+    rows = table[2:]
+    assert len(rows) == len(bench.QUICK_SHAPES)
+    for line, (n, d, k) in zip(rows, bench.QUICK_SHAPES, strict=True):
+        assert line.split()[:3] == [str(n), str(d), str(k)]
+        assert float(line.split()[-1]) >= 0.999
+
+
+def test_bench_shape_compares_codes_of_every_method() -> None:
+    rate = bench.gemm_rate(torch.device("cpu"), torch.float32, 1, size=128)
+    row = bench.bench_shape((200, 16, 300), torch.device("cpu"), torch.float32, 1, rate)
+    expected = {"quantize fwd", "cdist"}
+    try:
+        import faiss  # noqa: F401
+
+        expected.add("faiss")
+    except ImportError:
+        pass
+    assert set(row.agreement) == expected
+    assert all(value >= 0.999 for value in row.agreement.values())
+    assert set(row.times) >= {"search", "quantize fwd", "quantize fwd+bwd"} | expected
+    assert row.floor == pytest.approx(2.0 * 200 * 300 * 16 / rate)
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    meter = bench.PeakMemory(torch.device("cpu"))
+    if not meter.cpu_supported:
+        pytest.skip("peak resident memory is read from Linux's /proc")
+    size = 64 << 20
+    result, peak = meter.measure(lambda: torch.ones(size // 4).sum())
+    if peak is None:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    assert result.item() == size // 4
+    assert peak >= 0.9 * size
+    _, small = meter.measure(lambda: torch.ones(16).sum())
+    assert small is not None and small < size // 4
