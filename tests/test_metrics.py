@@ -68,3 +68,14 @@ def test_metrics_work_over_the_last_axis(generator: torch.Generator) -> None:
     for row, value in zip(hist.tolist(), per_row.tolist(), strict=True):
         assert math.isclose(value, entropy_exp(row), rel_tol=1e-6)
     torch.testing.assert_close(usage(hist), (hist > 0).float().mean(-1))
+
+
+def test_integer_histograms_are_accepted() -> None:
+    codes = torch.tensor([0, 1, 1, 2, 2, 2])
+    counts = torch.bincount(codes, minlength=5)
+    assert counts.dtype == torch.int64
+    assert math.isclose(float(perplexity(counts)), entropy_exp([1, 2, 3, 0, 0]), rel_tol=1e-6)
+    assert float(usage(counts)) == pytest.approx(3 / 5)
+    assert perplexity(counts).dtype == usage(counts).dtype == torch.float32
+    with pytest.raises(TypeError, match=r"histogram must be a tensor of counts .* got list"):
+        perplexity([1, 2, 3])  # type: ignore[arg-type]

@@ -31,7 +31,9 @@ def perplexity(histogram: Tensor) -> Tensor:
     """`exp(-sum_k p_k log p_k)` with `p_k = n_k / N`, over the last axis of `histogram`.
 
     Ranges from 1 (one code used) to `K` (all codes equally used); 1 for an empty histogram.
+    Integer counts (e.g. from `torch.bincount`) give a float32 result.
     """
+    histogram = _as_float(histogram, where="perplexity")
     total = histogram.sum(-1, keepdim=True)
     p = histogram / torch.clamp(total, min=torch.finfo(histogram.dtype).tiny)
     entropy = -torch.special.xlogy(p, p).sum(-1)
@@ -40,4 +42,19 @@ def perplexity(histogram: Tensor) -> Tensor:
 
 def usage(histogram: Tensor) -> Tensor:
     """Fraction of codes used at least once, `|{k : n_k > 0}| / K`, over the last axis."""
+    histogram = _as_float(histogram, where="usage")
     return (histogram > 0).to(histogram.dtype).mean(-1)
+
+
+def _as_float(histogram: Tensor, *, where: str) -> Tensor:
+    """Counts as a floating tensor (integer counts become float32)."""
+    if not isinstance(histogram, Tensor):
+        raise TypeError(
+            f"{where}: histogram must be a tensor of counts (e.g. from code_histogram), "
+            f"got {type(histogram).__name__}"
+        )
+    if histogram.dtype.is_floating_point:
+        return histogram
+    if histogram.dtype.is_complex:
+        raise TypeError(f"{where}: histogram must hold real counts, got {histogram.dtype}")
+    return histogram.to(torch.float32)
