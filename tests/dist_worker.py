@@ -10,6 +10,7 @@ Scenarios:
         half-way. The same model is also trained with the library's collectives switched off,
         as a control that the ranks do diverge without them.
     resume: a fresh process loads that checkpoint and trains the second half.
+    compiled: a compiled functional step with `sync=` (run by hand; compiling is slow).
     empty: one rank's batch is empty on the first step (the k-means warm-up step) and fully
         masked on another; also the functional API (`distributed.warmup_params`,
         `update_state(sync=)`) with one empty rank, against single-process references.
@@ -136,7 +137,19 @@ def scenario_empty(rank: int, out: Path) -> None:
     result: dict[str, object] = {"layer": plain_state(model)}
     result["one_empty"] = functional_step(rank, 0 if rank == 1 else 9)
     result["both"] = functional_step(rank, 9 - 4 * rank)
+    result["codebook_warmup"] = warmup_from_unequal_loaders(rank)
     torch.save(result, out / f"empty_rank{rank}.pt")
+
+
+def warmup_from_unequal_loaders(rank: int) -> tuple[Tensor, Tensor]:
+    """`codebook_warmup` with 3 batches on rank 0 and 1 on rank 1, and per-rank generators."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, FEATURES), vqfunc.VectorQuantize(FEATURES, 16, dim=-1))
+    before = model[1].codebook.detach().clone()
+    g = torch.Generator().manual_seed(rank)
+    loader = [torch.randn(4, TOKENS, IN, generator=g) + 3.0 * rank for _ in range(3 - 2 * rank)]
+    vqfunc.codebook_warmup(model, loader, "kmeans", num_batch=3, generator=g, progress_bar=False)
+    return before, model[1].codebook.detach().clone()
 
 
 def functional_step(rank: int, size: int) -> dict[str, object]:
@@ -183,11 +196,42 @@ def functional_step(rank: int, size: int) -> dict[str, object]:
     }
 
 
+def scenario_compiled(rank: int, out: Path) -> None:
+    """`torch.compile(fullgraph=True)` of a synced functional step (not run by the suite: slow).
+
+    Asserts no graph break, one graph, no recompile over 3 steps, eager results, equal ranks.
+    """
+    cfg = vqfunc.VQConfig(feature_size=8, num_codes=16, dim=-1, replace_freq=2, ema_decay=0.9)
+    params = vqfunc.init_params(cfg, generator=torch.Generator().manual_seed(0))
+    state = init_state(params, cfg)
+    g = torch.Generator().manual_seed(10 + rank)
+
+    def step(params, state, x, randomness):
+        _, q = vqfunc.quantize(params, x, cfg)
+        return update_state(params, state, q, cfg, randomness=randomness, sync=vqdist.sync_for())
+
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True)
+    eager = (params, state)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            x = torch.randn(16, 8, generator=g) + rank
+            randomness = draw_replace_randomness(16, cfg, generator=g)
+            params, state = compiled(params, state, x, randomness)
+            eager = step(*eager, x, randomness)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(params.codebook, eager[0].codebook, rtol=1e-5, atol=1e-5)
+    assert torch.equal(state.replace_counters, eager[1].replace_counters)
+    torch.save({"params": params, "state": state}, out / f"compiled_rank{rank}.pt")
+
+
 # One launch runs several scenarios: each process start (importing torch) costs seconds.
 SCENARIOS = {
     "main": (scenario_train, scenario_empty),
     "resume": (scenario_resume,),
     "empty": (scenario_empty,),
+    "compiled": (scenario_compiled,),
 }
 
 

@@ -142,6 +142,9 @@ def test_a_rank_with_empty_or_masked_batches_does_not_hang(
         assert_trees_equal(rank0[case]["synced"], rank1[case]["synced"], f"{case} update")
         # Warm-up: the first rank's generator on every rank's data, in rank order.
         assert torch.equal(rank0[case]["warm"], rank0[case]["warm_ref"])
+    # codebook_warmup with unequal loaders and per-rank generators: one codebook, fitted.
+    (before, warmed0), (_, warmed1) = rank0["codebook_warmup"], rank1["codebook_warmup"]
+    assert torch.equal(warmed0, warmed1) and not torch.equal(warmed0, before)
     # With rank 1 empty, the synced step is rank 0's purely local step, exactly.
     one = rank0["one_empty"]
     assert_trees_equal(one["synced"], one["local"], "one_empty vs local")
