@@ -5,7 +5,8 @@ what the test compares to `OUT_DIR/<name>_rank<RANK>.pt`. `main` runs `train` th
 
 Scenarios:
     train: a small model with two `VectorQuantize` layers (k-means init, dead-code replacement,
-        EMA; grouped separate codebooks with affine parameters) trained with
+        EMA; grouped separate codebooks with affine parameters) and a k-means-initialised
+        `ResidualVectorQuantize`, trained with
         DistributedDataParallel on unequal, partly masked batches; a checkpoint is written
         half-way. The same model is also trained with the library's collectives switched off,
         as a control that the ranks do diverge without them.
@@ -49,12 +50,16 @@ class Model(nn.Module):
             FEATURES, 12, dim=-1, groups=2, share=False, kmeans_init=True, replace_freq=3,
             affine_lr=1.0,
         )  # fmt: skip
+        self.rvq = vqfunc.ResidualVectorQuantize(
+            FEATURES, 10, levels=2, share=False, dim=-1, kmeans_init=True
+        )
         self.dec = nn.Linear(FEATURES, IN)
 
     def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         z, misc = self.vq(self.enc(x), mask=mask)
         z2, misc2 = self.vq2(z, mask=mask)
-        return self.dec(z2), misc["loss"] + misc2["loss"]
+        z3, misc3 = self.rvq(z2, mask=mask)
+        return self.dec(z3), misc["loss"] + misc2["loss"] + misc3["loss"]
 
 
 def batch(rank: int, step: int, *, empty_steps: tuple[int, ...] = (), masked_steps=()):

@@ -101,7 +101,7 @@ def test_ddp_training_keeps_codebooks_and_state_bit_identical(
     _, (rank0, rank1) = trained
     assert_trees_equal(rank0, rank1, "state_dict")
     # The run exercised every update: k-means ran, EMA and replacement moved the state.
-    for name in ("vq", "vq2"):
+    for name in ("vq", "vq2", "rvq"):
         assert bool(rank0[f"{name}.kmeans_initialized"])
     assert not torch.equal(rank0["vq.ema_counts"], torch.ones_like(rank0["vq.ema_counts"]))
 

@@ -38,6 +38,7 @@ The layer shim does the same by itself once the process group is initialised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -254,15 +255,16 @@ def fit_codebook(
     _validate.check_params(params, cfg, where="warmup_params")
     _validate.check_input(x, cfg, where="warmup_params")
     rows = _rows(x, params, cfg, mask)
-    active = active_group(group)
     flat_cfg = cfg.replace(dim=-1)
-    if active is None:
-        if rows.shape[0] == 0:
-            return None
-        return _warmup.warmup_params(
-            params, rows, flat_cfg, method=method, generator=generator, kmeans_iters=kmeans_iters
+
+    def fit(data: Tensor) -> Tensor:
+        fitted = _warmup.warmup_params(
+            params, data, flat_cfg, method=method, generator=generator, kmeans_iters=kmeans_iters
         )
-    return _fit_across(params, rows, flat_cfg, method, generator, kmeans_iters, active)
+        return fitted.codebook
+
+    codebook = fit_across_ranks(rows, params.codebook, fit, group=group)
+    return None if codebook is None else params._replace(codebook=codebook)
 
 
 def _rows(x: Tensor, params: VQParams, cfg: VQConfig, mask: Tensor | None) -> Tensor:
@@ -276,24 +278,46 @@ def _rows(x: Tensor, params: VQParams, cfg: VQConfig, mask: Tensor | None) -> Te
     return rows.to(compute_dtype(x, params))
 
 
-def _fit_across(
-    params: VQParams,
+def fit_across_ranks(
     rows: Tensor,
-    cfg: VQConfig,
-    method: _warmup.WarmupMethod,
-    generator: torch.Generator | None,
-    kmeans_iters: int,
-    group: ProcessGroup,
-) -> VQParams | None:
-    world = dist.get_world_size(group)
-    first = dist.get_global_rank(group, 0)
-    is_first = dist.get_rank(group) == 0
+    like: Tensor,
+    fit: Callable[[Tensor], Tensor],
+    *,
+    group: ProcessGroup | None = None,
+) -> Tensor | None:
+    """`fit` of the rows of every rank, computed on the group's first rank and broadcast.
+
+    The building block of the distributed warm-ups (also of residual layers): a collective
+    that every rank calls once, whatever its number of rows. Not distributed, it is
+    `fit(rows)`, or None without rows.
+
+    Args:
+        rows: this rank's `[M, F]` vectors (`M` may differ between ranks, or be 0).
+        like: a tensor shaped, typed and placed like `fit`'s result (e.g. the current codebook).
+        fit: `[M_total, F]` rows of all ranks, in rank order -> a tensor like `like`. Runs on
+            the first rank only (so only its generator matters).
+        group: the process group (None: the default group).
+
+    Returns:
+        `fit`'s result, identical on every rank; None on every rank when no rank has rows.
+
+    Raises:
+        ValueError: on every rank, when some rank's rows are not finite.
+        RuntimeError: on the other ranks, when `fit` raises on the first rank (which re-raises
+            its own error).
+    """
+    active = active_group(group)
+    if active is None:
+        return None if rows.shape[0] == 0 else fit(rows)
+    world = dist.get_world_size(active)
+    first = dist.get_global_rank(active, 0)
+    is_first = dist.get_rank(active) == 0
     device = rows.device
     # 1. Sizes and non-finite counts of every rank: every rank then takes the same decision.
     local = torch.tensor(
         [rows.shape[0], int((~torch.isfinite(rows)).sum())], dtype=torch.long, device=device
     )
-    info = _all_gather(local, group, world)
+    info = _all_gather(local, active, world)
     counts = info[:, 0].tolist()
     bad = info[:, 1].tolist()
     if any(bad):
@@ -309,23 +333,20 @@ def _fit_across(
     padded = rows.new_zeros(longest, rows.shape[1])
     padded[: rows.shape[0]] = rows
     gather_list = [torch.empty_like(padded) for _ in range(world)] if is_first else None
-    dist.gather(padded, gather_list, dst=first, group=group)
+    dist.gather(padded, gather_list, dst=first, group=active)
     # 3. The first rank fits; a failure there is told to every rank before any broadcast.
-    codebook = params.codebook.detach().clone()
+    result = like.detach().clone(memory_format=torch.contiguous_format)
     status = torch.zeros(1, dtype=torch.long, device=device)
     error: Exception | None = None
     if is_first:
         assert gather_list is not None
         data = torch.cat([part[:n] for part, n in zip(gather_list, counts, strict=True)])
         try:
-            fitted = _warmup.warmup_params(
-                params, data, cfg, method=method, generator=generator, kmeans_iters=kmeans_iters
-            )
-            codebook = fitted.codebook.detach().contiguous()
+            result = fit(data).detach().to(like.dtype).contiguous()
         except Exception as exc:  # re-raised below, after the other ranks are told
             error = exc
             status.fill_(1)
-    dist.broadcast(status, src=first, group=group)
+    dist.broadcast(status, src=first, group=active)
     if error is not None:
         raise error
     if int(status) != 0:
@@ -333,5 +354,5 @@ def _fit_across(
             "warmup_params: fitting the codebook failed on the group's first rank "
             f"(global rank {first}); see its error"
         )
-    dist.broadcast(codebook, src=first, group=group)
-    return params._replace(codebook=codebook)
+    dist.broadcast(result, src=first, group=active)
+    return result

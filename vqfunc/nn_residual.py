@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vqfunc.config import Estimator
+from vqfunc.distributed import fit_across_ranks
 from vqfunc.no_vq import vq_disabled_everywhere
 from vqfunc.params import VQParams
 from vqfunc.residual import (
@@ -96,7 +97,9 @@ class ResidualVectorQuantize(nn.Module):
         )
         params = init_residual_params(self.cfg, generator=generator, device=device, dtype=dtype)
         for name, value in params._asdict().items():
-            self.register_parameter(name, nn.Parameter(value))
+            # Empty affine parameters (affine off) take no gradient: DistributedDataParallel
+            # would otherwise wait for it and fail.
+            self.register_parameter(name, nn.Parameter(value, requires_grad=value.numel() > 0))
         self.vq_enabled = True  # switched off by `vqfunc.no_vq`
         self.kmeans_init = bool(kmeans_init)
         self.register_buffer(
@@ -171,12 +174,16 @@ class ResidualVectorQuantize(nn.Module):
         rows = x.detach().movedim(self.cfg.dim % x.ndim, -1).reshape(-1, self.cfg.feature_size)
         if mask is not None:
             rows = rows[mask.reshape(-1).to(torch.bool)]  # once per layer, so a sync is fine
-        if rows.shape[0] == 0:
-            return  # nothing to fit yet: try again on the next batch
-        fitted = residual_warmup_params(
-            self.params, rows, self.cfg.replace(dim=-1), method="kmeans"
+        params, flat_cfg = self.params, self.cfg.replace(dim=-1)
+        # Under torch.distributed: fitted on the first rank from every rank's rows, broadcast.
+        codebook = fit_across_ranks(
+            rows,
+            params.codebook,
+            lambda data: residual_warmup_params(params, data, flat_cfg, method="kmeans").codebook,
         )
-        self.load_params(fitted)
+        if codebook is None:
+            return  # no rank has vectors yet: try again on the next batch
+        self.load_params(params._replace(codebook=codebook))
         self.kmeans_initialized.fill_(True)
         self._kmeans_done = True
 
