@@ -57,7 +57,7 @@ def test_codes_are_nearest_and_distances_exact(problem: tuple[torch.Tensor, torc
 def test_kernel_matches_torch_path(problem: tuple[torch.Tensor, torch.Tensor]) -> None:
     vectors, codebook = problem
     assert uses_cpu_kernel(vectors, codebook)
-    kernel = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    kernel, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
     reference = torch_nearest_codes(vectors, codebook)
     # Both are exact up to float32 rounding: they may differ only on near-ties.
     sq = brute_force(vectors, codebook)
@@ -77,7 +77,7 @@ def test_kernel_on_larger_shapes_and_threads(n: int, d: int, k: int) -> None:
         results = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(_cpu_kernel.nearest_codes_f32(vectors, codebook))
+            results.append(_cpu_kernel.nearest_codes_f32(vectors, codebook)[0])
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(results[0], results[1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -27,11 +28,14 @@ from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("_nearest_kernel.c")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
-# Codes per panel and per group, as in the C source: codebooks are padded to whole groups.
+# Codes per panel and the padding of the codebook (whole groups of panels), as in the C source.
 PANEL = 16
 GROUP = 64
 # Below this many score evaluations per thread a second thread costs more than it saves.
 _MIN_WORK_PER_THREAD = 1 << 23
+# Rows of one row block of the C kernel, and slices of work per thread (see below).
+_ROW_BLOCK = 240
+_SLICES_PER_THREAD = 8
 
 
 def _cache_dir() -> Path:
@@ -102,6 +106,8 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int64,
         ctypes.c_int64,
         ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
     ]
     return lib
 
@@ -140,8 +146,9 @@ def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
     return panels, half_norms
 
 
-def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> Tensor:
-    """Codes `[N]` int64 of the nearest rows of `codebook` `[K, d]` for `vectors` `[N, d]`.
+def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes `[N]` int64 of the nearest rows of `codebook` `[K, d]` for `vectors` `[N, d]`,
+    and the Euclidean distances `[N]` float32 to them.
 
     Both float32 on CPU; requires `available()`. Uses `torch.get_num_threads()` threads.
     """
@@ -149,14 +156,28 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> Tensor:
     if lib is None:
         raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
     x = vectors.contiguous()
+    book = codebook.contiguous()
     n, d = x.shape
-    k = codebook.shape[0]
-    codes = torch.zeros(n, dtype=torch.int64)
+    k = book.shape[0]
+    # Empty, not zeros: the kernel writes every entry, and a parallel fill would leave torch's
+    # OpenMP workers spinning on the cores the kernel's threads need.
+    codes = torch.empty(n, dtype=torch.int64)
+    distances = torch.empty(n, dtype=torch.float32)
     if n == 0 or k == 0:
-        return codes
-    panels, half_norms = pack_codebook(codebook.contiguous())
+        return codes, distances
+    panels, half_norms = pack_codebook(book)
     groups = half_norms.shape[0] // GROUP
-    args = (x.data_ptr(), d, panels.data_ptr(), half_norms.data_ptr(), groups, k, codes.data_ptr())
+    args = (
+        x.data_ptr(),
+        d,
+        panels.data_ptr(),
+        half_norms.data_ptr(),
+        groups,
+        k,
+        book.data_ptr(),
+        codes.data_ptr(),
+        distances.data_ptr(),
+    )
 
     def run(begin: int, end: int) -> None:
         status = lib.vq_nearest_f32(args[0], begin, end, *args[1:])
@@ -164,13 +185,23 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> Tensor:
             raise RuntimeError(f"vqfunc CPU kernel failed with status {status}")
 
     work = n * groups * GROUP * max(d, 1)
-    threads = max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD, -(-n // 4)))
+    threads = max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD))
     if threads == 1:
         run(0, n)
-        return codes
-    # Row ranges in multiples of the 4-row tile, so no thread repeats rows of another.
-    step = -(-n // (4 * threads)) * 4
-    futures = [_thread_pool().submit(run, b, min(b + step, n)) for b in range(0, n, step)]
+        return codes, distances
+    # Work is handed out in slices of whole row blocks from a shared counter, so a thread
+    # that the OS delays (a busy machine) leaves its share to the others instead of being
+    # waited for. The calling thread is one of the workers.
+    rows_per_slice = _ROW_BLOCK * max(1, -(-n // (_ROW_BLOCK * _SLICES_PER_THREAD * threads)))
+    starts = range(0, n, rows_per_slice)
+    counter = itertools.count()
+
+    def worker() -> None:
+        while (i := next(counter)) < len(starts):
+            run(starts[i], min(starts[i] + rows_per_slice, n))
+
+    futures = [_thread_pool().submit(worker) for _ in range(threads - 1)]
+    worker()
     for future in futures:
         future.result()
-    return codes
+    return codes, distances

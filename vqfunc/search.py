@@ -81,9 +81,8 @@ def _exact_distances(vectors: Tensor, codebook: Tensor, codes: Tensor) -> Tensor
 @torch.library.custom_op("vqfunc::nearest_codes", mutates_args=())
 def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     if vectors.shape[0] > 0 and codebook.shape[0] > 0 and uses_cpu_kernel(vectors, codebook):
-        codes = _cpu_kernel.nearest_codes_f32(vectors, codebook)
-    else:
-        codes = torch_nearest_codes(vectors, codebook)
+        return _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    codes = torch_nearest_codes(vectors, codebook)
     return codes, _exact_distances(vectors, codebook, codes)
 
 
