@@ -5,7 +5,8 @@ what the test compares to `OUT_DIR/<name>_rank<RANK>.pt`. `main` runs `train` th
 
 Scenarios:
     train: a small model with two `VectorQuantize` layers (k-means init, dead-code replacement,
-        EMA; grouped separate codebooks with affine parameters) and a k-means-initialised
+        EMA; grouped separate codebooks with affine parameters and an in-place codebook
+        optimizer) and a k-means-initialised
         `ResidualVectorQuantize`, trained with
         DistributedDataParallel on unequal, partly masked batches; a checkpoint is written
         half-way. The same model is also trained with the library's collectives switched off,
@@ -48,7 +49,7 @@ class Model(nn.Module):
         )
         self.vq2 = vqfunc.VectorQuantize(
             FEATURES, 12, dim=-1, groups=2, share=False, kmeans_init=True, replace_freq=3,
-            affine_lr=1.0,
+            affine_lr=1.0, inplace_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
         )  # fmt: skip
         self.rvq = vqfunc.ResidualVectorQuantize(
             FEATURES, 10, levels=2, share=False, dim=-1, kmeans_init=True
@@ -143,7 +144,31 @@ def scenario_empty(rank: int, out: Path) -> None:
     result["one_empty"] = functional_step(rank, 0 if rank == 1 else 9)
     result["both"] = functional_step(rank, 9 - 4 * rank)
     result["codebook_warmup"] = warmup_from_unequal_loaders(rank)
+    result["errors"] = errors_reach_every_rank(rank)
     torch.save(result, out / f"empty_rank{rank}.pt")
+
+
+def errors_reach_every_rank(rank: int) -> list[str]:
+    """Bad data on one rank, or a fit failing on the first rank: every rank raises, none hangs."""
+    caught = []
+    cfg = vqfunc.VQConfig(feature_size=4, num_codes=3, dim=-1)
+    params = vqfunc.init_params(cfg)
+    x = torch.randn(5, 4)
+    if rank == 1:
+        x[2, 1] = float("nan")
+    try:
+        vqdist.warmup_params(params, x, cfg)
+    except ValueError as exc:
+        caught.append(f"ValueError: {exc}")
+
+    def fit(data: Tensor) -> Tensor:
+        raise ArithmeticError("fit failed")
+
+    try:
+        vqdist.fit_across_ranks(torch.randn(5, 4), params.codebook, fit)
+    except (ArithmeticError, RuntimeError) as exc:
+        caught.append(f"{type(exc).__name__}: {exc}")
+    return caught
 
 
 def warmup_from_unequal_loaders(rank: int) -> tuple[Tensor, Tensor]:

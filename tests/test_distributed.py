@@ -145,6 +145,11 @@ def test_a_rank_with_empty_or_masked_batches_does_not_hang(
     # codebook_warmup with unequal loaders and per-rank generators: one codebook, fitted.
     (before, warmed0), (_, warmed1) = rank0["codebook_warmup"], rank1["codebook_warmup"]
     assert torch.equal(warmed0, warmed1) and not torch.equal(warmed0, before)
+    # Non-finite data on rank 1, then a fit failing on rank 0: every rank raises, none hangs.
+    assert rank0["errors"][0] == rank1["errors"][0]
+    assert "non-finite" in rank0["errors"][0] and "rank 1: 1" in rank0["errors"][0]
+    assert rank0["errors"][1] == "ArithmeticError: fit failed"
+    assert rank1["errors"][1].startswith("RuntimeError: warmup_params: fitting the codebook failed")
     # With rank 1 empty, the synced step is rank 0's purely local step, exactly.
     one = rank0["one_empty"]
     assert_trees_equal(one["synced"], one["local"], "one_empty vs local")
