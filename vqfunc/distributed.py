@@ -10,6 +10,7 @@ the core stay unaware of them:
   allowed, empty ones included) are gathered on the group's first rank, which fits the codebook
   with *its* generator and broadcasts it. The fitted codebook is bit-identical on every rank,
   whatever the ranks' generators and however nondeterministic the device's kernels are.
+  `fit_across_ranks` is that step for any fit (the residual layer's k-means uses it).
 - **EMA statistics and code counts** (`ProcessGroupSync.reduce_sum`): per-code counts, sums and
   the histogram that drives the dead-code counters are summed over the ranks (one all-reduce),
   so the update equals the single-process update on the union of the batches.
@@ -17,6 +18,8 @@ the core stay unaware of them:
   fixed-size candidates, the candidates of all ranks are all-gathered, and code `k` takes the
   candidate of rank `k mod W` (the next rank that has one when that rank's batch held no valid
   vector). All ranks then pick the same vectors without sharing a seed.
+- **The layer's in-place codebook step** (`inplace_optimizer`) takes the gradient averaged over
+  the ranks (`ProcessGroupSync.reduce_mean`), as DistributedDataParallel would.
 
 Every collective has a shape fixed by the configuration (or is preceded by an exchange of
 sizes), so each rank issues the same collectives in the same order whatever its data: a rank
