@@ -221,7 +221,13 @@ def test_share_candidates_takes_the_next_rank_with_a_valid_candidate() -> None:
 def test_single_process_issues_no_collective(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not dist.is_initialized()
     calls: list[str] = []
-    for name in ("all_reduce", "all_gather_into_tensor", "broadcast", "gather"):
+    for name in (
+        "all_reduce",
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "broadcast",
+        "gather",
+    ):
         monkeypatch.setattr(dist, name, lambda *a, _n=name, **k: calls.append(_n))
     assert vqdist.active_group() is None and vqdist.sync_for() is None
     layer = vqfunc.VectorQuantize(
