@@ -16,9 +16,9 @@ needs_kernel = pytest.mark.skipif(
 
 
 def brute_force(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Squared distances `[N, K]` in float64, from the definition."""
-    diff = vectors.double().unsqueeze(1) - codebook.double().unsqueeze(0)
-    return diff.square().sum(-1)
+    """Squared distances `[N, K]` in float64, from differences (not the matrix-product form)."""
+    mode = "donot_use_mm_for_euclid_dist"
+    return torch.cdist(vectors.double(), codebook.double(), compute_mode=mode).square()
 
 
 def assert_nearest(vectors: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor) -> None:
