@@ -38,6 +38,9 @@ def test_notebooks_exist() -> None:
     names = {path.stem for path in NOTEBOOKS}
     expected = {
         "01_quickstart",
+        "02_functional_training",
+        "03_layer_and_warmup",
+        "04_from_vqtorch",
     }
     assert expected <= names, f"missing notebooks: {sorted(expected - names)}"
 

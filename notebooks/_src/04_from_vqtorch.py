@@ -1,3 +1,4 @@
+# ruff: noqa: E402 (cells import where a vqtorch line is translated)
 # %% [markdown]
 # # From vqtorch to vqfunc, line by line
 #
@@ -38,10 +39,8 @@ print("device:", device)
 
 # %%
 # vqtorch: from vqtorch.nn import VectorQuant, GroupVectorQuant, ResidualVectorQuant
-from vqfunc import GroupVectorQuant, ResidualVectorQuant, VectorQuant
-
 # vqtorch: from vqtorch.inits import codebook_warmup ; from vqtorch import no_vq
-from vqfunc import no_vq
+from vqfunc import GroupVectorQuant, ResidualVectorQuant, VectorQuant, no_vq
 from vqfunc.inits import codebook_warmup
 
 print(VectorQuant is vqfunc.VectorQuantize, issubclass(GroupVectorQuant, vqfunc.VectorQuantize))
