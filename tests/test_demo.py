@@ -60,3 +60,15 @@ def test_worker_processes_give_the_same_results() -> None:
     for a, b in zip(here, spawned, strict=True):
         assert a.mse == b.mse, a.name
         assert a.histogram.equal(b.histogram), a.name
+
+
+def test_missing_demo_extra_is_named_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = demo.importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "matplotlib" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(demo.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(demo, "run_all", lambda *a, **k: pytest.fail("trained without the extra"))
+    with pytest.raises(SystemExit, match=r"matplotlib.*pip install 'vqfunc\[demo\]'"):
+        demo.main(["--quick"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib.util
 import math
 import multiprocessing
 import os
@@ -401,6 +402,16 @@ def save_figure(results: Sequence[Result], test_x: Tensor, path: str, num_show: 
     plt.close(fig)
 
 
+def _require_demo_extra() -> None:
+    """Fail before training, not after, when a demo-only dependency is missing."""
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(
+            f"vqfunc.demo needs {' and '.join(missing)} (scikit-learn for the data, matplotlib "
+            "for the figure): pip install 'vqfunc[demo]'"
+        )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -440,6 +451,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m vqfunc.demo`."""
     args = parse_args(argv)
+    _require_demo_extra()
     settings = Settings(steps=args.steps)
     jobs = args.jobs
     if jobs is None:
