@@ -201,3 +201,15 @@ def test_compile_fullgraph_without_recompiles() -> None:
             vectors = torch.randn(25, 8, generator=g)
             codes, _ = compiled(vectors, codebook)
             assert torch.equal(codes, nearest_codes(vectors, codebook)[0])
+
+
+@needs_kernel
+def test_codebook_packing_layout() -> None:
+    codebook = torch.randn(70, 5, generator=torch.Generator().manual_seed(7))
+    panels, half_norms = _cpu_kernel.pack_codebook(codebook)
+    padded = torch.zeros(128, 5)
+    padded[:70] = codebook
+    # panels[p, j, l] is dimension j of code 16 p + l.
+    assert torch.equal(panels, padded.view(8, 16, 5).transpose(1, 2))
+    torch.testing.assert_close(half_norms[:70], 0.5 * codebook.square().sum(-1))
+    assert torch.isinf(half_norms[70:]).all()

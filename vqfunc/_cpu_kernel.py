@@ -93,6 +93,15 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     lib.vq_supported.restype = ctypes.c_int
+    lib.vq_pack_f32.restype = None
+    lib.vq_pack_f32.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     if not lib.vq_supported():
         return None
     lib.vq_nearest_f32.restype = ctypes.c_int
@@ -134,15 +143,17 @@ def _thread_pool() -> ThreadPoolExecutor:
 def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
     """`[K, d]` float32 -> (panels `[P, d, 16]`, half squared norms `[P * 16]`), padded to groups.
 
-    Padding codes have half norm `+inf` so that they never win.
+    Padding codes have half norm `+inf` so that they never win. Requires `available()`.
     """
-    k, d = codebook.shape
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
+    book = codebook.contiguous()
+    k, d = book.shape
     padded_k = -(-max(k, 1) // GROUP) * GROUP
-    padded = codebook.new_zeros(padded_k, d)
-    padded[:k] = codebook
-    half_norms = torch.full((padded_k,), float("inf"), dtype=torch.float32)
-    half_norms[:k] = 0.5 * codebook.square().sum(-1)
-    panels = padded.view(padded_k // PANEL, PANEL, d).transpose(1, 2).contiguous()
+    panels = torch.empty(padded_k // PANEL, d, PANEL, dtype=torch.float32)
+    half_norms = torch.empty(padded_k, dtype=torch.float32)
+    lib.vq_pack_f32(book.data_ptr(), k, d, padded_k, panels.data_ptr(), half_norms.data_ptr())
     return panels, half_norms
 
 

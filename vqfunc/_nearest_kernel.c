@@ -35,6 +35,24 @@
 #define PANEL_MAJOR_D 128
 #endif
 
+/* Packs codebook [k, d] into panels [padded_k / 16][d][16] and half squared norms [padded_k]
+ * (+inf for the padding codes). Plain loops: the codebook is small next to the search, and
+ * doing this here keeps torch's thread pool idle (and off the cores) right before the kernel. */
+void vq_pack_f32(const float *codebook, int64_t k, int64_t d, int64_t padded_k, float *packed,
+                 float *half_norms) {
+    for (int64_t c = 0; c < padded_k; ++c) {
+        const float *code = codebook + c * d;
+        float *lane = packed + (c / PANEL) * d * PANEL + (c % PANEL);
+        float sq = 0.0f;
+        for (int64_t j = 0; j < d; ++j) {
+            const float v = c < k ? code[j] : 0.0f;
+            lane[j * PANEL] = v;
+            sq += v * v;
+        }
+        half_norms[c] = c < k ? 0.5f * sq : INFINITY;
+    }
+}
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
