@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from vqfunc import VectorQuantize
+from vqfunc import ResidualVectorQuantize, VectorQuantize, VQParams, residual_warmup_params
 from vqfunc.inits import codebook_warmup
 
 
@@ -145,3 +145,49 @@ def test_returns_the_model_and_layers_keep_working() -> None:
     assert codebook_warmup(model, [x], progress_bar=False) is model
     z = model(x)
     assert z.shape == x.shape and torch.isfinite(z).all()
+
+
+class MixedChain(nn.Module):
+    """A residual layer registered before the plain layer whose output it quantizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.late = ResidualVectorQuantize(
+            feature_size=4, num_codes=8, groups=2, share=False, dim=-1, generator=gen
+        )
+        self.early = VectorQuantize(feature_size=4, num_codes=6, dim=-1, generator=gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, _ = self.early(x)
+        z, _ = self.late(z)
+        return z
+
+
+def test_residual_layers_are_warmed_in_forward_order() -> None:
+    model = MixedChain()
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(16, 4, generator=g) for _ in range(3)]
+    codebook_warmup(model, data, num_batch=3, progress_bar=False)
+    early = model.early.codebook.detach()
+    first_level = model.late.codebook.detach()[0]
+    # The residual layer saw the warmed plain layer's outputs, which are its codes.
+    assert close_to_some_row(early, torch.cat(data), tol=0).all()
+    assert close_to_some_row(first_level, early, tol=0).all()
+
+
+def test_residual_layer_warmed_like_residual_warmup_params() -> None:
+    layer = ResidualVectorQuantize(feature_size=3, num_codes=6, groups=2, dim=-1)
+    before = VQParams(*(p.detach().clone() for p in layer.params))
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randn(5, 3, generator=g) for _ in range(2)]
+    codebook_warmup(
+        layer, data, "kmeans", num_batch=2, generator=torch.Generator().manual_seed(9),
+        progress_bar=False,
+    )  # fmt: skip
+    expected = residual_warmup_params(
+        before, torch.cat(data), layer.cfg, method="kmeans",
+        generator=torch.Generator().manual_seed(9),
+    )  # fmt: skip
+    assert not torch.equal(expected.codebook, before.codebook)
+    assert torch.equal(layer.codebook, expected.codebook)

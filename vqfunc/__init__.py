@@ -39,6 +39,9 @@ from vqfunc.residual import init_residual_params as init_residual_params
 from vqfunc.residual import residual_dequantize as residual_dequantize
 from vqfunc.residual import residual_quantize as residual_quantize
 from vqfunc.residual import residual_warmup_params as residual_warmup_params
+from vqfunc.residual_state import ResidualState as ResidualState
+from vqfunc.residual_state import init_residual_state as init_residual_state
+from vqfunc.residual_state import residual_update_state as residual_update_state
 from vqfunc.state import VQState as VQState
 from vqfunc.state import init_state as init_state
 from vqfunc.state import update_state as update_state

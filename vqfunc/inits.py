@@ -1,4 +1,4 @@
-"""`codebook_warmup`: warm every `VectorQuantize` layer of a model from data (vqtorch's API)."""
+"""`codebook_warmup`: warm every VQ layer of a model from data (vqtorch's API)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from torch import Tensor, nn
 from vqfunc import distributed
 from vqfunc._progress import progress
 from vqfunc.nn import VectorQuantize
+from vqfunc.nn_residual import ResidualVectorQuantize
+from vqfunc.params import VQParams
+from vqfunc.residual import residual_warmup_params
 from vqfunc.warmup import WarmupMethod
 
 if TYPE_CHECKING:
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
 
 
 _NO_BATCH = object()
+
+Layer = VectorQuantize | ResidualVectorQuantize
 
 
 class _StopForward(Exception):
@@ -51,7 +56,10 @@ def codebook_warmup(
     progress_bar: bool = True,
     process_group: ProcessGroup | None = None,
 ) -> nn.Module:
-    """Warm the codebook of every `VectorQuantize` in `model` from `num_batch` batches.
+    """Warm the codebooks of every VQ layer in `model` from `num_batch` batches.
+
+    The VQ layers are the `VectorQuantize` layers (fitted with `warmup_params`) and the
+    `ResidualVectorQuantize` layers (fitted level after level with `residual_warmup_params`).
 
     Layers are warmed one after the other in the order the forward pass reaches them, so a
     later layer sees the output of the already warmed earlier ones. For each layer the forward
@@ -59,7 +67,7 @@ def codebook_warmup(
     vectors are kept (a random subset of each batch), which bounds memory.
 
     Args:
-        model: any module holding `VectorQuantize` layers.
+        model: any module holding VQ layers.
         loader: iterable of batches (re-iterated once per layer), e.g. a `DataLoader`.
         warmup_method: `"data"` or `"kmeans"` (see `warmup_params`).
         num_batch: batches per layer.
@@ -88,9 +96,14 @@ def codebook_warmup(
             f"codebook_warmup: loader must be re-iterable (e.g. a list or a DataLoader), got "
             f"the one-shot iterator {type(loader).__name__}; pass list(loader) or the DataLoader"
         )
-    layers = [m for m in model.modules() if isinstance(m, VectorQuantize)]
+    layers: list[Layer] = [
+        m for m in model.modules() if isinstance(m, (VectorQuantize, ResidualVectorQuantize))
+    ]
     if not layers:
-        raise ValueError("codebook_warmup: model holds no vqfunc.VectorQuantize layer")
+        raise ValueError(
+            "codebook_warmup: model holds no vqfunc.VectorQuantize layer (nor "
+            "ResidualVectorQuantize)"
+        )
     param = next(model.parameters())
     device = param.device
     was_training = model.training
@@ -112,16 +125,7 @@ def codebook_warmup(
                 desc=f"warm-up {index + 1}/{len(layers)}",
                 progress_bar=progress_bar,
             )
-            cfg = layer.cfg.replace(dim=-1)
-            new = distributed.warmup_params(
-                layer.params,
-                rows,
-                cfg,
-                method=warmup_method,
-                generator=generator,
-                group=process_group,
-            )
-            layer.load_params(new)
+            layer.load_params(_fit(layer, rows, warmup_method, generator, process_group))
     except BaseException:
         for layer, tensors in zip(layers, saved, strict=True):
             layer.load_state_dict(tensors)
@@ -131,15 +135,42 @@ def codebook_warmup(
     return model
 
 
+def _fit(
+    layer: Layer,
+    rows: Tensor,
+    method: WarmupMethod,
+    generator: torch.Generator | None,
+    group: ProcessGroup | None,
+) -> VQParams:
+    """New params of `layer` fitted to `rows` `[M, F]` (of every rank, under distributed)."""
+    if isinstance(layer, VectorQuantize):
+        cfg = layer.cfg.replace(dim=-1)
+        return distributed.warmup_params(
+            layer.params, rows, cfg, method=method, generator=generator, group=group
+        )
+    params, residual_cfg = layer.params, layer.cfg.replace(dim=-1)
+
+    def fit(data: Tensor) -> Tensor:
+        fitted = residual_warmup_params(
+            params, data, residual_cfg, method=method, generator=generator
+        )
+        return fitted.codebook
+
+    codebook = distributed.fit_across_ranks(rows, params.codebook, fit, group=group)
+    if codebook is None:
+        raise ValueError("codebook_warmup: no rank collected a vector for a residual layer")
+    return params._replace(codebook=codebook)
+
+
 def _forward_order(
     model: nn.Module,
-    layers: list[VectorQuantize],
+    layers: list[Layer],
     loader: Iterable[Any],
     inputs: Callable[[Any], Any],
     device: torch.device,
-) -> list[VectorQuantize]:
+) -> list[Layer]:
     """The VQ layers in the order one forward pass calls them (layers never called last)."""
-    order: list[VectorQuantize] = []
+    order: list[Layer] = []
     hooks = [
         layer.register_forward_pre_hook(
             lambda mod, args: order.append(mod) if mod not in order else None
@@ -160,7 +191,7 @@ def _forward_order(
 
 def _collect_inputs(
     model: nn.Module,
-    layer: VectorQuantize,
+    layer: Layer,
     loader: Iterable[Any],
     inputs: Callable[[Any], Any],
     device: torch.device,

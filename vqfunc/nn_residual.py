@@ -1,19 +1,21 @@
 """`ResidualVectorQuantize`: the `nn.Module` shim over `residual_quantize`.
 
-The layer holds the params as `nn.Parameter`s named like the fields of `VQParams`, so
+The layer holds the params as `nn.Parameter`s named like the fields of `VQParams` and the
+training state as a persistent buffer named like the field of `ResidualState`, so
 `torch.func.functional_call(layer, params._asdict(), (x,))` equals
 `vqfunc.residual_quantize(params, x, layer.cfg)`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from vqfunc._shim import QuantizerShim, describe, misc_with_aliases
 from vqfunc.config import Estimator
-from vqfunc.distributed import fit_across_ranks
+from vqfunc.distributed import fit_across_ranks, sync_for
 from vqfunc.no_vq import vq_disabled_everywhere
 from vqfunc.params import VQParams
 from vqfunc.residual import (
@@ -23,10 +25,19 @@ from vqfunc.residual import (
     residual_quantize,
     residual_warmup_params,
 )
+from vqfunc.residual_state import (
+    ResidualState,
+    _check_state,
+    init_residual_state,
+    residual_update_state,
+)
 from vqfunc.warmup import WarmupMethod
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
-class ResidualVectorQuantize(nn.Module):
+
+class ResidualVectorQuantize(QuantizerShim):
     """A residual vector-quantization layer, a drop-in for vqtorch's `ResidualVectorQuant`.
 
     `z_q, misc = layer(z_e)`: `z_q` has `z_e`'s shape and dtype and is the sum of the codes
@@ -37,8 +48,16 @@ class ResidualVectorQuantize(nn.Module):
 
     With `kmeans_init=True` the first batch seen in training mode fits the codebooks with
     k-means, level after level (`residual_warmup_params(method="kmeans")`), once; the buffer
-    `kmeans_initialized` records it (and travels in `state_dict`). Under
-    `torch.func.functional_call` the layer never writes to the tensors it is given.
+    `kmeans_initialized` records it (and travels in `state_dict`).
+
+    With `replace_freq > 0`, every training forward pass then runs dead-code replacement
+    (`vqfunc.residual_update_state`): a code no level used for `replace_freq` steps is replaced
+    by a residual vector of the batch (with a shared codebook, one of any level; otherwise one
+    of its own level's). The counters live in the buffer `replace_counters` (in `state_dict`);
+    the returned `z_q` and `misc` are those of the codebook before the replacement. Under
+    `torch.distributed` the ranks of `process_group` (default: the world group) take the same
+    step. In `eval()` mode, or under `torch.func.functional_call` with other tensors, the layer
+    never writes to its tensors.
 
     As in vqtorch, `groups` is the number of residual levels (`levels=` says the same), and
     with `share=False` `num_codes` counts the codes of all levels together. Unlike vqtorch,
@@ -47,16 +66,16 @@ class ResidualVectorQuantize(nn.Module):
 
     Args:
         feature_size, num_codes, groups, share, dim, beta, affine_lr, affine_groups, sync_nu,
-        estimator: see `ResidualConfig` (`groups` is its `levels`).
+        estimator, replace_freq, replace_rho: see `ResidualConfig` (`groups` is its `levels`).
         levels: the number of levels, a clearer name for `groups`; give one or the other.
         kmeans_init: warm the codebooks with k-means on the first training batch.
         generator, device, dtype: go to `init_residual_params`.
+        process_group: the ranks that keep the replacement in agreement (default: world).
     """
 
-    codebook: nn.Parameter
-    affine_scale: nn.Parameter
-    affine_bias: nn.Parameter
-    kmeans_initialized: Tensor
+    _STATE_NAMES = ResidualState._fields
+
+    replace_counters: Tensor
 
     def __init__(
         self,
@@ -72,10 +91,13 @@ class ResidualVectorQuantize(nn.Module):
         affine_groups: int = 1,
         sync_nu: float = 0.0,
         estimator: Estimator = "ste",
+        replace_freq: int = 0,
+        replace_rho: float = 1e-2,
         kmeans_init: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if levels is not None and groups not in (1, levels):
@@ -94,38 +116,28 @@ class ResidualVectorQuantize(nn.Module):
             affine_groups=affine_groups,
             sync_nu=sync_nu,
             estimator=estimator,
+            replace_freq=replace_freq,
+            replace_rho=replace_rho,
         )
         params = init_residual_params(self.cfg, generator=generator, device=device, dtype=dtype)
-        for name, value in params._asdict().items():
-            # Empty affine parameters (affine off) take no gradient: DistributedDataParallel
-            # would otherwise wait for it and fail.
-            self.register_parameter(name, nn.Parameter(value, requires_grad=value.numel() > 0))
-        self.vq_enabled = True  # switched off by `vqfunc.no_vq`
         self.kmeans_init = bool(kmeans_init)
-        self.register_buffer(
-            "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
-        )
-        self._kmeans_done: bool | None = None  # Python mirror of the buffer: no device reads
-        self._remember_own_codebook()
-        self.register_load_state_dict_post_hook(_after_load)
+        self.process_group = process_group
+        self._register_tensors(params, init_residual_state(params, self.cfg))
 
     @property
-    def params(self) -> VQParams:
-        """The layer's parameters as a `VQParams` (the layer's own tensors, not copies)."""
-        return VQParams(self.codebook, self.affine_scale, self.affine_bias)
+    def state(self) -> ResidualState:
+        """The layer's training state as a `ResidualState` (its own buffer, not a copy)."""
+        return ResidualState(self.replace_counters)
 
-    @torch.no_grad()
     def load_params(self, params: VQParams) -> None:
         """Copy `params` into the layer's parameters (shapes must match)."""
-        own = self.params._asdict()
-        for name, value in params._asdict().items():
-            if value.shape != own[name].shape:
-                raise ValueError(
-                    f"ResidualVectorQuantize.load_params: params.{name} has shape "
-                    f"{tuple(value.shape)}, expected {tuple(own[name].shape)}"
-                )
-        for name, value in params._asdict().items():
-            own[name].copy_(value)
+        self._copy_params(params)
+
+    @torch.no_grad()
+    def load_state(self, state: ResidualState) -> None:
+        """Copy `state` into the layer's buffer (shapes must match)."""
+        _check_state(state, self.params, self.cfg, where="ResidualVectorQuantize.load_state")
+        self._write(None, state)
 
     @torch.no_grad()
     def warmup(
@@ -147,30 +159,30 @@ class ResidualVectorQuantize(nn.Module):
         """
         if not self.vq_enabled or vq_disabled_everywhere():
             return x, {"loss": x.new_zeros(())}
-        if self.training and self.kmeans_init and not self._kmeans_is_done():
+        training = self.training and self._holds_own_tensors()
+        if training and self.kmeans_init and not self._kmeans_initialized():
             self._kmeans_warmup(x, mask)
-        z_q, out = residual_quantize(self.params, x, self.cfg, mask=mask)
+        updates = training and self.cfg.replace_freq > 0
+        params = self.params
+        if updates:
+            # The update below writes the codebook in place; the graph of this forward pass
+            # must keep the values it was computed with.
+            params = params._replace(codebook=params.codebook.clone())
+        z_q, out = residual_quantize(params, x, self.cfg, mask=mask)
+        if updates:
+            new_params, new_state = residual_update_state(
+                self.params,
+                self.state,
+                out,
+                self.cfg,
+                mask=mask,
+                sync=sync_for(self.process_group),
+            )
+            self._write(new_params, new_state)
         return z_q, residual_misc_dict(out)
-
-    def _remember_own_codebook(self) -> None:
-        # Kept outside `_parameters` (a plain `__dict__` entry), so it is not a second parameter.
-        self.__dict__["_own_codebook"] = self.codebook
-
-    def _apply(self, fn: Any, recurse: bool = True) -> ResidualVectorQuantize:
-        # `.to()`, `.double()` may bind new parameter objects.
-        result = super()._apply(fn, recurse)
-        self._remember_own_codebook()
-        return result
-
-    def _kmeans_is_done(self) -> bool:
-        if self._kmeans_done is None:
-            self._kmeans_done = bool(self.kmeans_initialized)
-        return self._kmeans_done
 
     @torch.no_grad()
     def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
-        if self.codebook is not self.__dict__["_own_codebook"]:  # functional_call: stay pure
-            return
         rows = x.detach().movedim(self.cfg.dim % x.ndim, -1).reshape(-1, self.cfg.feature_size)
         if mask is not None:
             rows = rows[mask.reshape(-1).to(torch.bool)]  # once per layer, so a sync is fine
@@ -180,22 +192,20 @@ class ResidualVectorQuantize(nn.Module):
             rows,
             params.codebook,
             lambda data: residual_warmup_params(params, data, flat_cfg, method="kmeans").codebook,
+            group=self.process_group,
         )
         if codebook is None:
             return  # no rank has vectors yet: try again on the next batch
         self.load_params(params._replace(codebook=codebook))
-        self.kmeans_initialized.fill_(True)
-        self._kmeans_done = True
+        self._mark_kmeans_done()
 
     def extra_repr(self) -> str:
         c = self.cfg
-        text = (
-            f"feature_size={c.feature_size}, num_codes={c.num_codes}, levels={c.levels}, "
-            f"share={c.share}, dim={c.dim}"
+        text = describe(
+            c,
+            ("feature_size", "num_codes", "levels", "share", "dim"),
+            ("affine_lr", "sync_nu", "replace_freq"),
         )
-        for name in ("affine_lr", "sync_nu"):
-            if getattr(c, name):
-                text += f", {name}={getattr(c, name)}"
         if c.estimator != "ste":
             text += f", estimator={c.estimator!r}"
         if self.kmeans_init:
@@ -203,17 +213,6 @@ class ResidualVectorQuantize(nn.Module):
         return text
 
 
-def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
-    # The k-means flag may have changed, and `load_state_dict(assign=True)` binds new tensors.
-    assert isinstance(module, ResidualVectorQuantize)
-    module._kmeans_done = None
-    module._remember_own_codebook()
-
-
 def residual_misc_dict(out: ResidualOutput) -> dict[str, Any]:
     """vqtorch's `misc` dictionary for a `ResidualOutput` (with vqtorch's key aliases)."""
-    misc: dict[str, Any] = out._asdict()
-    misc["q"] = out.codes
-    misc["d"] = out.distances
-    misc["z_res"] = out.residuals
-    return misc
+    return misc_with_aliases(out, q="codes", d="distances", z_res="residuals")

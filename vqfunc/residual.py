@@ -51,6 +51,9 @@ class ResidualConfig:
             bias; must divide the number of codes per codebook.
         sync_nu: weight `nu` of the synchronized update, applied to the sum of the levels.
         estimator: `"ste"` (straight-through) or `"rotation"`, applied to the sum of the levels.
+        replace_freq: dead-code replacement period `T` in training steps; 0 turns it off (see
+            `vqfunc.residual_update_state`).
+        replace_rho: relative noise `rho` added to the residual vectors that replace dead codes.
     """
 
     feature_size: int
@@ -63,6 +66,8 @@ class ResidualConfig:
     affine_groups: int = 1
     sync_nu: float = 0.0
     estimator: Estimator = "ste"
+    replace_freq: int = 0
+    replace_rho: float = 1e-2
 
     def __post_init__(self) -> None:
         for name in ("feature_size", "num_codes", "levels", "affine_groups"):
@@ -120,6 +125,8 @@ class ResidualConfig:
             affine_groups=self.affine_groups,
             sync_nu=self.sync_nu,
             estimator=self.estimator,
+            replace_freq=self.replace_freq,
+            replace_rho=self.replace_rho,
         )
 
     def level_config(self) -> VQConfig:
