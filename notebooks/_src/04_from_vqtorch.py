@@ -179,8 +179,10 @@ print("codebook", tuple(vq_layer.codebook.shape), "-> flat", tuple(flat_codebook
 # `ResidualVectorQuant(groups=4)` quantizes the vector, then what is left of it, four times, and
 # outputs the sum of the four codes; `groups` is the number of levels (`levels=4` says the same).
 # vqfunc's residual layer takes `kmeans_init` (the levels are fitted one after the other on the
-# first training batch), `affine_lr` and `sync_nu`, but not `replace_freq`: dead-code
-# replacement is not implemented for residual levels, so that argument is dropped here.
+# first training batch), `affine_lr`, `sync_nu` and `replace_freq`: with one shared codebook a
+# code counts as used when any level picks it, and a dead code is replaced by a residual that
+# some level searched (with `share=False`, by one of its own level's residuals). The counters
+# are the buffer `replace_counters`, saved in `state_dict()`.
 
 # %%
 # vqtorch: ResidualVectorQuant(feature_size=32, num_codes=1024, beta=0.98, kmeans_init=True,
@@ -192,6 +194,7 @@ vq_layer = ResidualVectorQuant(
     kmeans_init=True,
     affine_lr=10.0,
     sync_nu=0.2,
+    replace_freq=20,
     dim=-1,
     groups=4,  # residual levels
     share=True,  # one codebook for all levels
