@@ -17,8 +17,47 @@ _DISTS = ("euclidean", "cosine")
 _ESTIMATORS = ("ste", "rotation")
 
 
+class _BookLayout:
+    """Codebook layout shared by the configurations: `num_codes` split over `_PARTS` parts
+    (groups or residual levels), each with its own codebook unless `share`."""
+
+    _PARTS = "groups"
+
+    num_codes: int
+    share: bool
+    affine_groups: int
+
+    @property
+    def _num_parts(self) -> int:
+        return int(getattr(self, self._PARTS))
+
+    @property
+    def num_books(self) -> int:
+        """Number of codebooks: 1 when shared, one per group (or level) otherwise."""
+        return 1 if self.share else self._num_parts
+
+    @property
+    def codes_per_book(self) -> int:
+        """Number of codes `K` in each codebook."""
+        return self.num_codes // self.num_books
+
+    def _check_books(self, owner: str) -> None:
+        """The codes split evenly over the codebooks, and the affine blocks over the codes."""
+        parts, name = self._num_parts, self._PARTS
+        if not self.share and self.num_codes % parts:
+            raise ValueError(
+                f"{owner}: with share=False, num_codes={self.num_codes} counts the codes of all "
+                f"{parts} {name} and must be a multiple of {name}={parts}"
+            )
+        if self.codes_per_book % self.affine_groups:
+            raise ValueError(
+                f"{owner}: affine_groups={self.affine_groups} must divide the "
+                f"{self.codes_per_book} codes of each codebook"
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VQConfig:
+class VQConfig(_BookLayout):
     """Static configuration of a vector quantizer.
 
     Args:
@@ -71,10 +110,8 @@ class VQConfig:
     kmeans_init: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("feature_size", self.feature_size)
-        _positive_int("num_codes", self.num_codes)
-        _positive_int("groups", self.groups)
-        _positive_int("affine_groups", self.affine_groups)
+        for name in ("feature_size", "num_codes", "groups", "affine_groups"):
+            _positive_int(name, getattr(self, name))
         if not isinstance(self.dim, int) or isinstance(self.dim, bool):
             raise TypeError(f"VQConfig: dim must be an int, got {self.dim!r}")
         if self.dist not in _DISTS:
@@ -88,16 +125,7 @@ class VQConfig:
                 f"VQConfig: groups={self.groups} must divide feature_size={self.feature_size} "
                 f"(divisors of {self.feature_size}: {_divisors(self.feature_size)})"
             )
-        if not self.share and self.num_codes % self.groups:
-            raise ValueError(
-                f"VQConfig: with share=False, num_codes={self.num_codes} counts the codes of all "
-                f"{self.groups} groups and must be a multiple of groups={self.groups}"
-            )
-        if self.codes_per_book % self.affine_groups:
-            raise ValueError(
-                f"VQConfig: affine_groups={self.affine_groups} must divide the "
-                f"{self.codes_per_book} codes of each codebook"
-            )
+        self._check_books("VQConfig")
         if self.vector_normalize and self.dist != "cosine":
             raise ValueError(
                 "VQConfig: vector_normalize=True rescales cosine codes to the input's norm and "
@@ -121,16 +149,6 @@ class VQConfig:
         return self.feature_size // self.groups
 
     @property
-    def num_books(self) -> int:
-        """Number of codebooks: 1 when shared, `groups` otherwise."""
-        return 1 if self.share else self.groups
-
-    @property
-    def codes_per_book(self) -> int:
-        """Number of codes `K` in each codebook."""
-        return self.num_codes // self.num_books
-
-    @property
     def codebook_shape(self) -> tuple[int, ...]:
         """`(K, d)` when shared, `(groups, K, d)` with separate codebooks."""
         if self.share:
@@ -142,9 +160,9 @@ class VQConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _positive_int(name: str, value: object) -> None:
+def _positive_int(name: str, value: object, *, owner: str = "VQConfig") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"VQConfig: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 def _non_negative(name: str, value: object) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from vqfunc._shim import QuantizerShim, describe, misc_with_aliases
 from vqfunc.alternating import codebook_loss
 from vqfunc.config import Dist, Estimator, VQConfig
 from vqfunc.distributed import fit_codebook, sync_for
@@ -29,11 +30,8 @@ if TYPE_CHECKING:
 
 InplaceOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-_PARAM_NAMES = VQParams._fields
-_STATE_NAMES = VQState._fields
 
-
-class VectorQuantize(nn.Module):
+class VectorQuantize(QuantizerShim):
     """A vector-quantization layer, a drop-in for vqtorch's `VectorQuant`.
 
     `z_q, misc = layer(z_e)`: `z_q` has `z_e`'s shape and dtype; `misc["loss"]` is the
@@ -74,13 +72,11 @@ class VectorQuantize(nn.Module):
     forward pass is pure. The functional form of the update is `vqfunc.update_state`.
     """
 
-    codebook: nn.Parameter
-    affine_scale: nn.Parameter
-    affine_bias: nn.Parameter
+    _STATE_NAMES = VQState._fields
+
     replace_counters: Tensor
     ema_counts: Tensor
     ema_sums: Tensor
-    kmeans_initialized: Tensor
 
     def __init__(
         self,
@@ -141,34 +137,14 @@ class VectorQuantize(nn.Module):
                 f"got {type(inplace_optimizer).__name__}"
             )
         params = init_params(self.cfg, generator=generator, device=device, dtype=dtype)
-        for name, value in params._asdict().items():
-            self.register_parameter(name, nn.Parameter(value))
-        if self.cfg.ema_decay > 0:
-            # The EMA owns the codebook: no gradient, so no optimizer moves it as well.
-            self.codebook.requires_grad_(False)
-        if self.cfg.affine_lr <= 0:
-            # Empty and unused: with a gradient flag, DistributedDataParallel would wait for
-            # their gradients and fail ("parameters that were not used in producing loss").
-            self.affine_scale.requires_grad_(False)
-            self.affine_bias.requires_grad_(False)
-        for name, value in init_state(params, self.cfg)._asdict().items():
-            self.register_buffer(name, value)
-        self.register_buffer(
-            "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
+        # With EMA the averages own the codebook: no gradient, so no optimizer moves it as well.
+        self._register_tensors(
+            params, init_state(params, self.cfg), frozen_codebook=self.cfg.ema_decay > 0
         )
-        self.vq_enabled = True
         self.process_group = process_group
         self.inplace_codebook_optimizer: torch.optim.Optimizer | None = None
         if inplace_optimizer is not None:
             self.inplace_codebook_optimizer = inplace_optimizer([self.codebook])
-        self._kmeans_done: bool | None = None
-        self._remember_own_tensors()
-        self.register_load_state_dict_post_hook(_after_load)
-
-    @property
-    def params(self) -> VQParams:
-        """The layer's parameters as a `VQParams` (the layer's own tensors, not copies)."""
-        return VQParams(self.codebook, self.affine_scale, self.affine_bias)
 
     @property
     def state(self) -> VQState:
@@ -182,20 +158,7 @@ class VectorQuantize(nn.Module):
         With EMA on, the EMA statistics restart from the new codebook (one pseudo-observation
         per code), so that the averages do not pull it back to the old codes.
         """
-        if not isinstance(params, VQParams):
-            raise TypeError(
-                "VectorQuantize.load_params: params must be a VQParams (e.g. from "
-                f"vqfunc.init_params(layer.cfg) or warmup_params), got {type(params).__name__}"
-            )
-        own = self.params._asdict()
-        for name, value in params._asdict().items():
-            if value.shape != own[name].shape:
-                raise ValueError(
-                    f"VectorQuantize.load_params: params.{name} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(own[name].shape)}"
-                )
-        for name, value in params._asdict().items():
-            own[name].copy_(value)
+        self._copy_params(params)
         if self.cfg.ema_decay > 0:
             ema = init_ema_state(self.params, self.cfg)
             self.ema_counts.copy_(ema.counts)
@@ -236,19 +199,6 @@ class VectorQuantize(nn.Module):
         return z_q, misc_dict(out)
 
     @torch.no_grad()
-    def _write(self, params: VQParams | None, state: VQState) -> None:
-        if params is not None:
-            self.codebook.copy_(params.codebook)
-        for name in _STATE_NAMES:
-            getattr(self, name).copy_(getattr(state, name))
-
-    def _kmeans_initialized(self) -> bool:
-        # A Python mirror of the buffer, so that training steps do not read the device.
-        if self._kmeans_done is None:
-            self._kmeans_done = bool(self.kmeans_initialized)
-        return self._kmeans_done
-
-    @torch.no_grad()
     def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
         # Fitted on the unmasked vectors of every rank; None (on every rank) when there are
         # none: try again on the next batch.
@@ -258,8 +208,7 @@ class VectorQuantize(nn.Module):
         if fitted is None:
             return
         self.load_params(fitted)
-        self.kmeans_initialized.fill_(True)
-        self._kmeans_done = True
+        self._mark_kmeans_done()
 
     def _inplace_step(self, x: Tensor, mask: Tensor | None) -> None:
         optimizer = self.inplace_codebook_optimizer
@@ -280,52 +229,15 @@ class VectorQuantize(nn.Module):
         finally:
             self.codebook.grad = saved
 
-    def _remember_own_tensors(self) -> None:
-        # Plain attribute (not a submodule or buffer): the tensors registered right now.
-        self.__dict__["_own_tensors"] = self._bound_tensors()
-
-    def _bound_tensors(self) -> tuple[Tensor | None, ...]:
-        params = tuple(self._parameters.get(name) for name in _PARAM_NAMES)
-        buffers = tuple(self._buffers.get(name) for name in (*_STATE_NAMES, "kmeans_initialized"))
-        return params + buffers
-
-    def _holds_own_tensors(self) -> bool:
-        """False while `functional_call` has swapped in other tensors (the pass stays pure)."""
-        own = self.__dict__.get("_own_tensors", ())
-        bound = self._bound_tensors()
-        return len(own) == len(bound) and all(a is b for a, b in zip(own, bound, strict=True))
-
-    def _apply(self, fn: Any, recurse: bool = True) -> VectorQuantize:
-        # `.to()`, `.cuda()`, `.double()` may put new tensors in place of the buffers.
-        result = super()._apply(fn, recurse)
-        self._remember_own_tensors()
-        return result
-
     def extra_repr(self) -> str:
         c = self.cfg
-        text = (
-            f"feature_size={c.feature_size}, num_codes={c.num_codes}, dist={c.dist!r}, dim={c.dim}"
-        )
+        leading: tuple[str, ...] = ("feature_size", "num_codes", "dist", "dim")
         if c.groups > 1:
-            text += f", groups={c.groups}, share={c.share}"
-        for name in ("affine_lr", "sync_nu", "replace_freq", "ema_decay"):
-            if getattr(c, name):
-                text += f", {name}={getattr(c, name)}"
-        if c.kmeans_init:
-            text += ", kmeans_init=True"
-        return text
-
-
-def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
-    # `load_state_dict(assign=True)` may bind new tensors, and the k-means flag may change.
-    assert isinstance(module, VectorQuantize)
-    module._kmeans_done = None
-    module._remember_own_tensors()
+            leading += ("groups", "share")
+        optional = ("affine_lr", "sync_nu", "replace_freq", "ema_decay", "kmeans_init")
+        return describe(c, leading, optional)
 
 
 def misc_dict(out: QuantizeOutput) -> dict[str, Any]:
     """vqtorch's `misc` dictionary for a `QuantizeOutput` (with vqtorch's key aliases)."""
-    misc: dict[str, Any] = out._asdict()
-    misc["q"] = out.codes
-    misc["d"] = out.distances
-    return misc
+    return misc_with_aliases(out, q="codes", d="distances")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from vqfunc import _validate
 from vqfunc.affine import effective_codebook
-from vqfunc.config import Estimator, VQConfig
+from vqfunc.config import Estimator, VQConfig, _BookLayout, _positive_int
 from vqfunc.estimators import estimate
 from vqfunc.layout import Layout, from_rows, normalize_dim, rows_to_batch, to_rows
 from vqfunc.losses import commitment_loss
@@ -32,7 +32,7 @@ from vqfunc.warmup import WarmupMethod, warmup_params
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ResidualConfig:
+class ResidualConfig(_BookLayout):
     """Static configuration of a residual vector quantizer.
 
     Args:
@@ -69,37 +69,18 @@ class ResidualConfig:
     replace_freq: int = 0
     replace_rho: float = 1e-2
 
+    _PARTS = "levels"
+
     def __post_init__(self) -> None:
         for name in ("feature_size", "num_codes", "levels", "affine_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ResidualConfig: {name} must be a positive int, got {value!r}")
-        if not self.share and self.num_codes % self.levels:
-            raise ValueError(
-                f"ResidualConfig: with share=False, num_codes={self.num_codes} counts the codes "
-                f"of all {self.levels} levels and must be a multiple of levels={self.levels}"
-            )
-        if self.codes_per_book % self.affine_groups:
-            raise ValueError(
-                f"ResidualConfig: affine_groups={self.affine_groups} must divide the "
-                f"{self.codes_per_book} codes of each codebook"
-            )
+            _positive_int(name, getattr(self, name), owner="ResidualConfig")
+        self._check_books("ResidualConfig")
         try:  # the remaining scalars are checked by VQConfig, under this class's name
             self.book_config()
             self.level_config()
         except (ValueError, TypeError) as error:
             message = str(error).replace("VQConfig:", "ResidualConfig:")
             raise type(error)(message) from None
-
-    @property
-    def num_books(self) -> int:
-        """Number of codebooks: 1 when shared, `levels` otherwise."""
-        return 1 if self.share else self.levels
-
-    @property
-    def codes_per_book(self) -> int:
-        """Number of codes `K` in each codebook."""
-        return self.num_codes // self.num_books
 
     @property
     def codebook_shape(self) -> tuple[int, ...]:
