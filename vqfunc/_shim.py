@@ -7,12 +7,17 @@ mode and only while they are its own tensors (not those `torch.func.functional_c
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from vqfunc.distributed import sync_for
 from vqfunc.params import VQParams
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _PARAM_NAMES = VQParams._fields
 
@@ -26,6 +31,7 @@ class QuantizerShim(nn.Module):
     affine_scale: nn.Parameter
     affine_bias: nn.Parameter
     kmeans_initialized: Tensor
+    process_group: ProcessGroup | None
 
     def _register_tensors(
         self, params: VQParams, state: NamedTuple, *, frozen_codebook: bool = False
@@ -76,6 +82,31 @@ class QuantizerShim(nn.Module):
             self.codebook.copy_(params.codebook)
         for name in self._STATE_NAMES:
             getattr(self, name).copy_(getattr(state, name))
+
+    def _quantize_and_update(
+        self,
+        quantize_fn: Callable[..., tuple[Tensor, Any]],
+        update_fn: Callable[..., tuple[VQParams, Any]],
+        x: Tensor,
+        mask: Tensor | None,
+        *,
+        updates: bool,
+    ) -> tuple[Tensor, Any]:
+        """`quantize_fn(params, x, cfg, mask=)`, then, if `updates`, the state update
+        `update_fn(params, state, out, cfg, mask=, sync=)` written into the layer."""
+        params = self.params
+        if updates:
+            # The update below writes the codebook in place; the graph of this forward pass
+            # must keep the values it was computed with.
+            params = params._replace(codebook=params.codebook.clone())
+        z_q, out = quantize_fn(params, x, self.cfg, mask=mask)
+        if updates:
+            sync = sync_for(self.process_group)
+            new_params, new_state = update_fn(
+                self.params, self.state, out, self.cfg, mask=mask, sync=sync
+            )
+            self._write(new_params, new_state)
+        return z_q, out
 
     def _kmeans_initialized(self) -> bool:
         # A Python mirror of the buffer, so that training steps do not read the device.

@@ -185,17 +185,7 @@ class VectorQuantize(QuantizerShim):
         if training and self.inplace_codebook_optimizer is not None:
             self._inplace_step(x, mask)
         updates = training and (self.cfg.ema_decay > 0 or self.cfg.replace_freq > 0)
-        params = self.params
-        if updates:
-            # The update below writes the codebook in place; the graph of this forward pass
-            # must keep the values it was computed with.
-            params = params._replace(codebook=params.codebook.clone())
-        z_q, out = quantize(params, x, self.cfg, mask=mask)
-        if updates:
-            new_params, new_state = update_state(
-                self.params, self.state, out, self.cfg, mask=mask, sync=sync_for(self.process_group)
-            )
-            self._write(new_params, new_state)
+        z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, misc_dict(out)
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vqfunc._shim import QuantizerShim, describe, misc_with_aliases
 from vqfunc.config import Estimator
-from vqfunc.distributed import fit_across_ranks, sync_for
+from vqfunc.distributed import fit_across_ranks
 from vqfunc.no_vq import vq_disabled_everywhere
 from vqfunc.params import VQParams
 from vqfunc.residual import (
@@ -163,22 +163,9 @@ class ResidualVectorQuantize(QuantizerShim):
         if training and self.kmeans_init and not self._kmeans_initialized():
             self._kmeans_warmup(x, mask)
         updates = training and self.cfg.replace_freq > 0
-        params = self.params
-        if updates:
-            # The update below writes the codebook in place; the graph of this forward pass
-            # must keep the values it was computed with.
-            params = params._replace(codebook=params.codebook.clone())
-        z_q, out = residual_quantize(params, x, self.cfg, mask=mask)
-        if updates:
-            new_params, new_state = residual_update_state(
-                self.params,
-                self.state,
-                out,
-                self.cfg,
-                mask=mask,
-                sync=sync_for(self.process_group),
-            )
-            self._write(new_params, new_state)
+        z_q, out = self._quantize_and_update(
+            residual_quantize, residual_update_state, x, mask, updates=updates
+        )
         return z_q, residual_misc_dict(out)
 
     @torch.no_grad()

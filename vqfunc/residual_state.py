@@ -24,8 +24,15 @@ import torch
 from torch import Tensor
 
 from vqfunc.params import VQParams
-from vqfunc.replace import ReplaceRandomness, ReplaceState, replace_step, sample_candidates
+from vqfunc.replace import (
+    ReplaceRandomness,
+    ReplaceState,
+    init_replace_state,
+    replace_step,
+    sample_candidates,
+)
 from vqfunc.residual import ResidualConfig, ResidualOutput, _check_config
+from vqfunc.state import check_state_fields
 
 if TYPE_CHECKING:
     from vqfunc.distributed import StateSync
@@ -45,11 +52,8 @@ class ResidualState(NamedTuple):
 def init_residual_state(params: VQParams, cfg: ResidualConfig) -> ResidualState:
     """Counters at `cfg.replace_freq`, on the params' device (empty when replacement is off)."""
     _check_config(cfg, where="init_residual_state")
-    k = cfg.codes_per_book if cfg.replace_freq > 0 else 0
-    counters = torch.full(
-        (cfg.num_books, k), cfg.replace_freq, dtype=torch.long, device=params.codebook.device
-    )
-    return ResidualState(counters)
+    replace = init_replace_state(cfg.book_config(), device=params.codebook.device)
+    return ResidualState(replace.counters)
 
 
 def _check_state(state: object, params: VQParams, cfg: ResidualConfig, *, where: str) -> None:
@@ -58,20 +62,12 @@ def _check_state(state: object, params: VQParams, cfg: ResidualConfig, *, where:
             f"{where}: state must be a ResidualState (from vqfunc.init_residual_state(params, "
             f"cfg) or layer.state), got {type(state).__name__}"
         )
-    counters = state.replace_counters
     shape = (cfg.num_books, cfg.codes_per_book if cfg.replace_freq > 0 else 0)
-    if not isinstance(counters, Tensor) or tuple(counters.shape) != shape:
-        got = tuple(counters.shape) if isinstance(counters, Tensor) else type(counters).__name__
-        raise ValueError(
-            f"{where}: state.replace_counters is {got}, but cfg (num_codes={cfg.num_codes}, "
-            f"levels={cfg.levels}, share={cfg.share}, replace_freq={cfg.replace_freq}) expects "
-            f"shape {shape}"
-        )
-    if counters.device != params.codebook.device:
-        raise ValueError(
-            f"{where}: state.replace_counters is on {counters.device} but params.codebook is "
-            f"on {params.codebook.device}"
-        )
+    described = (
+        f"cfg (num_codes={cfg.num_codes}, levels={cfg.levels}, share={cfg.share}, "
+        f"replace_freq={cfg.replace_freq})"
+    )
+    check_state_fields(state, {"replace_counters": shape}, params, where=where, described=described)
 
 
 def residual_update_state(

@@ -73,15 +73,31 @@ def check_state(state: object, params: VQParams, cfg: VQConfig, *, where: str) -
             f"{where}: state must be a VQState (from vqfunc.init_state(params, cfg) or "
             f"layer.state), got {type(state).__name__}"
         )
-    expected = init_state_shapes(cfg)
+    described = (
+        f"cfg (num_codes={cfg.num_codes}, groups={cfg.groups}, share={cfg.share}, "
+        f"replace_freq={cfg.replace_freq}, ema_decay={cfg.ema_decay})"
+    )
+    check_state_fields(state, init_state_shapes(cfg), params, where=where, described=described)
+
+
+def check_state_fields(
+    state: tuple[object, ...],
+    expected: dict[str, tuple[int, ...]],
+    params: VQParams,
+    *,
+    where: str,
+    described: str,
+) -> None:
+    """Each field `name` of `state` is a tensor of shape `expected[name]` on the params' device.
+
+    `described` names the configuration that expects those shapes, for the error message.
+    """
     for name, shape in expected.items():
         value = getattr(state, name)
         if not isinstance(value, Tensor) or tuple(value.shape) != shape:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
-                f"{where}: state.{name} is {got}, but cfg (num_codes={cfg.num_codes}, "
-                f"groups={cfg.groups}, share={cfg.share}, replace_freq={cfg.replace_freq}, "
-                f"ema_decay={cfg.ema_decay}) expects shape {shape}"
+                f"{where}: state.{name} is {got}, but {described} expects shape {shape}"
             )
         if value.device != params.codebook.device:
             raise ValueError(
