@@ -2,7 +2,10 @@
 
 The core is written for one codebook and one group (`_quantize_group`); grouped VQ is
 `torch.func.vmap` of it over the group axis, with the codebook shared (`in_dims=None`) or
-stacked per group (`in_dims=0`).
+stacked per group (`in_dims=0`). The straight-through estimator (the default) takes a fused
+path instead: the search is vmapped the same way, then the output and the commitment loss are
+one chunked node over all groups' rows (`vqfunc._fused`), which keeps the forward and backward
+free of `N x F` temporaries.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vqfunc import _validate
+from vqfunc._fused import straight_through_with_loss
 from vqfunc.affine import effective_codebook
 from vqfunc.config import VQConfig
 from vqfunc.estimators import estimate
@@ -78,15 +82,53 @@ def quantize_rows(
     """
     codebook = effective_codebook(params, cfg).to(rows.dtype)
     z, codebook = _search_space(rows, codebook, cfg)
-    grouped = torch.func.vmap(_quantize_group, in_dims=(None if cfg.share else 0, 1), out_dims=1)
-    z_q, codes, distances = grouped(codebook, z)
-    loss_mask = None if row_mask is None else row_mask.unsqueeze(-1).expand(codes.shape)
-    loss = commitment_loss(z, z_q, cfg.beta, mask=loss_mask)
-    out = estimate(z, z_q, cfg)
+    if cfg.estimator == "ste":
+        out, z_q, codes, distances, loss = _straight_through_rows(z, codebook, cfg, row_mask)
+    else:
+        grouped = torch.func.vmap(
+            _quantize_group, in_dims=(None if cfg.share else 0, 1), out_dims=1
+        )
+        z_q, codes, distances = grouped(codebook, z)
+        loss_mask = None if row_mask is None else row_mask.unsqueeze(-1).expand(codes.shape)
+        loss = commitment_loss(z, z_q, cfg.beta, mask=loss_mask)
+        out = estimate(z, z_q, cfg)
     if cfg.vector_normalize:
         out = out * rows.norm(dim=-1, keepdim=True)
     histogram = book_histogram(codes, cfg, row_mask)
     return out, z, z_q, codes, distances, loss, histogram
+
+
+def _straight_through_rows(
+    z: Tensor, codebook: Tensor, cfg: VQConfig, row_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The straight-through path on rows `[M, G, d]`, fused with the commitment loss.
+
+    The `G` groups are pooled into `M * G` rows against one flat codebook (separate codebooks
+    `[G, K, d]` become `[G * K, d]`, indexed by `code + g * K`), so that the estimator and the
+    loss run as one chunked node (`vqfunc._fused`) instead of several `M x F` temporaries.
+
+    Returns `(out, z_q, codes [M, G], distances [M, G], loss)`.
+    """
+    search = torch.func.vmap(nearest_codes, in_dims=(1, None if cfg.share else 0), out_dims=1)
+    codes, distances = search(z, codebook)
+    flat_codes = codes
+    if not cfg.share:
+        offsets = torch.arange(cfg.groups, device=codes.device) * cfg.codes_per_book
+        flat_codes = codes + offsets
+    flat_codes = flat_codes.reshape(-1)
+    flat_book = codebook.reshape(-1, cfg.code_dim)
+    weights = None
+    if row_mask is not None:
+        weights = row_mask.to(z.dtype).unsqueeze(-1).expand(codes.shape).reshape(-1)
+    out, z_q, loss = straight_through_with_loss(
+        z.reshape(-1, cfg.code_dim),
+        flat_book,
+        flat_codes,
+        beta=cfg.beta,
+        nu=cfg.sync_nu,
+        weights=weights,
+    )
+    return out.view(z.shape), z_q.view(z.shape), codes, distances, loss
 
 
 def book_histogram(codes: Tensor, cfg: VQConfig, row_mask: Tensor | None = None) -> Tensor:
