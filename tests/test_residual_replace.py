@@ -286,3 +286,14 @@ def test_state_dict_round_trip_continues_identically() -> None:
         assert torch.equal(first.codebook, second.codebook)
         assert torch.equal(first.replace_counters, second.replace_counters)
     assert "replace_freq=2" in repr(first)
+
+
+def test_state_dict_without_counters_loads_with_fresh_counters() -> None:
+    trained = _layer(share=False)
+    for x in torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(3)):
+        trained(x)
+    old_format = {k: v for k, v in trained.state_dict().items() if k != "replace_counters"}
+    fresh = _layer(share=False)
+    fresh.load_state_dict(old_format)
+    assert torch.equal(fresh.codebook, trained.codebook)
+    assert torch.equal(fresh.replace_counters, torch.full((2, 4), 2))

@@ -123,6 +123,7 @@ class ResidualVectorQuantize(QuantizerShim):
         self.kmeans_init = bool(kmeans_init)
         self.process_group = process_group
         self._register_tensors(params, init_residual_state(params, self.cfg))
+        self._register_load_state_dict_pre_hook(_fill_missing_counters, with_module=True)
 
     @property
     def state(self) -> ResidualState:
@@ -198,6 +199,15 @@ class ResidualVectorQuantize(QuantizerShim):
         if self.kmeans_init:
             text += ", kmeans_init=True"
         return text
+
+
+def _fill_missing_counters(
+    module: ResidualVectorQuantize, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    # State dicts saved before the layer had replacement hold no counters: start them afresh.
+    key = prefix + "replace_counters"
+    if key not in state_dict and prefix + "codebook" in state_dict:
+        state_dict[key] = init_residual_state(module.params, module.cfg).replace_counters
 
 
 def residual_misc_dict(out: ResidualOutput) -> dict[str, Any]:

@@ -13,7 +13,7 @@ one `[K, F]` codebook for all levels (`share=True`) or `[L, K / L, F]` (`share=F
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -101,13 +101,9 @@ class ResidualConfig(_BookLayout):
             dim=-1,
             groups=self.levels,
             share=self.share,
-            beta=self.beta,
-            affine_lr=self.affine_lr,
-            affine_groups=self.affine_groups,
-            sync_nu=self.sync_nu,
-            estimator=self.estimator,
             replace_freq=self.replace_freq,
             replace_rho=self.replace_rho,
+            **self._common_fields(),
         )
 
     def level_config(self) -> VQConfig:
@@ -116,12 +112,13 @@ class ResidualConfig(_BookLayout):
             feature_size=self.feature_size,
             num_codes=self.codes_per_book,
             dim=self.dim,
-            beta=self.beta,
-            affine_lr=self.affine_lr,
-            affine_groups=self.affine_groups,
-            sync_nu=self.sync_nu,
-            estimator=self.estimator,
+            **self._common_fields(),
         )
+
+    def _common_fields(self) -> dict[str, Any]:
+        """The fields that `book_config` and `level_config` take over unchanged."""
+        names = ("beta", "affine_lr", "affine_groups", "sync_nu", "estimator")
+        return {name: getattr(self, name) for name in names}
 
     def replace(self, **changes: object) -> ResidualConfig:
         """A copy with some fields changed (validated again)."""
