@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -213,3 +218,79 @@ def test_codebook_packing_layout() -> None:
     assert torch.equal(panels, padded.view(8, 16, 5).transpose(1, 2))
     torch.testing.assert_close(half_norms[:70], 0.5 * codebook.square().sum(-1))
     assert torch.isinf(half_norms[70:]).all()
+
+
+@needs_kernel
+def test_kernel_rejects_what_it_cannot_read_safely() -> None:
+    # A codebook narrower than the vectors would make the kernel read past its end.
+    with pytest.raises(ValueError, match="codebook"):
+        _cpu_kernel.nearest_codes_f32(torch.randn(10, 8), torch.randn(100, 4))
+    with pytest.raises(ValueError, match="vectors"):
+        _cpu_kernel.nearest_codes_f32(torch.randn(10, 8).double(), torch.randn(100, 8))
+    with pytest.raises(ValueError, match="codebook"):
+        _cpu_kernel.nearest_codes_f32(torch.randn(10, 8), torch.randn(0, 8))
+    with pytest.raises(ValueError, match="codebook"):
+        nearest_codes(torch.randn(10, 8), torch.randn(100, 4))
+
+
+def test_zero_dimensional_codes_pick_the_first() -> None:
+    codes, distances = nearest_codes(torch.randn(3, 0), torch.randn(4, 0))
+    assert torch.equal(codes, torch.zeros(3, dtype=torch.int64))
+    assert torch.equal(distances, torch.zeros(3))
+
+
+def test_caller_error_waits_for_the_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The caller's own slice fails while a pool thread is still inside the kernel: the call
+    # must not return (and free the buffers that thread uses) before that thread is done.
+    inside = []
+    caller = threading.get_ident()
+
+    def fake_nearest(*args: object) -> int:
+        if threading.get_ident() == caller:
+            time.sleep(0.05)
+            return -2
+        inside.append(1)
+        time.sleep(0.3)
+        inside.pop()
+        return 0
+
+    fake = SimpleNamespace(vq_pack_f32=lambda *args: None, vq_nearest_f32=fake_nearest)
+    monkeypatch.setattr(_cpu_kernel, "_library", lambda: fake)
+    monkeypatch.setattr(_cpu_kernel, "_MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_cpu_kernel, "_SLICES_PER_THREAD", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="status -2"):
+            _cpu_kernel.nearest_codes_f32(torch.randn(480, 4), torch.randn(10, 4))
+    finally:
+        torch.set_num_threads(previous)
+    assert not inside
+
+
+def _search_in_child(vectors: torch.Tensor, codebook: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.set_num_threads(2)
+    codes, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    raise SystemExit(0 if torch.equal(codes, expected) else 3)
+
+
+@needs_kernel
+def test_forked_child_searches_with_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parent's pool (created here) has no threads in a forked child; using it there hung.
+    monkeypatch.setattr(_cpu_kernel, "_MIN_WORK_PER_THREAD", 1)
+    g = torch.Generator().manual_seed(8)
+    vectors, codebook = torch.randn(2000, 8, generator=g), torch.randn(300, 8, generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    finally:
+        torch.set_num_threads(previous)
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_search_in_child, args=(vectors, codebook, expected))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0

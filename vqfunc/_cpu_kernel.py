@@ -6,10 +6,16 @@ The shared library is cached under `$VQFUNC_CACHE_DIR` (default `~/.cache/vqfunc
 hash of the source, compiler and flags. Any failure (no compiler, not x86-64 with AVX2 and FMA,
 a read-only cache) makes `available()` false, and the search uses its pure-torch path.
 Set `VQFUNC_CPU_KERNEL=0` to disable the kernel.
+
+Memory safety rests on this wrapper: it checks shapes, dtype and device before any pointer
+reaches C, keeps every tensor whose pointer a search thread uses alive until that thread is
+done (even when the caller leaves early on an exception or KeyboardInterrupt), and drops its
+thread pool in a forked child (the parent's threads do not exist there).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -65,17 +71,23 @@ def _build(compiler: str) -> Path:
     # Build beside the target, then rename: concurrent processes never see a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    # Compile the very bytes that were hashed (not the file, which may have changed since), so
+    # a cached library always matches its key.
+    fd, tmp_source = tempfile.mkstemp(suffix=".c", dir=target.parent)
+    with os.fdopen(fd, "wb") as file:
+        file.write(source)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, "-o", tmp, str(_SOURCE)],
+            [compiler, *_FLAGS, "-o", tmp, tmp_source],
             check=True,
             capture_output=True,
             timeout=120,
         )
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, tmp_source):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 
@@ -140,6 +152,27 @@ def _thread_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the pool object but none of its threads: work submitted to it
+    # would never run. The child starts its own pool (and lock) on first use.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _check_matrix(name: str, value: Tensor) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 2 or value.dtype != torch.float32 or value.device.type != "cpu":
+        raise ValueError(
+            f"{name}: expected a 2-D float32 CPU tensor, got shape {tuple(value.shape)}, "
+            f"dtype {value.dtype}, device {value.device}"
+        )
+
+
 def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
     """`[K, d]` float32 -> (panels `[P, d, 16]`, half squared norms `[P * 16]`), padded to groups.
 
@@ -148,7 +181,8 @@ def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
     lib = _library()
     if lib is None:
         raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
-    book = codebook.contiguous()
+    _check_matrix("codebook", codebook)
+    book = codebook.resolve_neg().contiguous()
     k, d = book.shape
     padded_k = -(-max(k, 1) // GROUP) * GROUP
     panels = torch.empty(padded_k // PANEL, d, PANEL, dtype=torch.float32)
@@ -166,15 +200,28 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     lib = _library()
     if lib is None:
         raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
-    x = vectors.contiguous()
-    book = codebook.contiguous()
+    _check_matrix("vectors", vectors)
+    _check_matrix("codebook", codebook)
+    # The kernel reads d floats per row of both: a mismatch would read past the codebook.
+    if vectors.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"codebook: expected {vectors.shape[1]} columns (the dimension of vectors), "
+            f"got shape {tuple(codebook.shape)}"
+        )
+    x = vectors.resolve_neg().contiguous()
+    book = codebook.resolve_neg().contiguous()
     n, d = x.shape
     k = book.shape[0]
+    if n > 0 and k == 0:
+        raise ValueError(f"codebook: expected at least one code, got shape (0, {d})")
+    if d == 0:
+        # Every code is at distance 0: the first one, as the pure-torch path answers.
+        return torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.float32)
     # Empty, not zeros: the kernel writes every entry, and a parallel fill would leave torch's
     # OpenMP workers spinning on the cores the kernel's threads need.
     codes = torch.empty(n, dtype=torch.int64)
     distances = torch.empty(n, dtype=torch.float32)
-    if n == 0 or k == 0:
+    if n == 0:
         return codes, distances
     panels, half_norms = pack_codebook(book)
     groups = half_norms.shape[0] // GROUP
@@ -206,13 +253,26 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     rows_per_slice = _ROW_BLOCK * max(1, -(-n // (_ROW_BLOCK * _SLICES_PER_THREAD * threads)))
     starts = range(0, n, rows_per_slice)
     counter = itertools.count()
+    failed = threading.Event()
+    # Every tensor whose pointer is in `args`, held by each worker (a default argument lives
+    # as long as the function object, which the pool keeps until the worker has run): the
+    # memory outlives the call if the caller leaves early.
+    buffers = (x, book, panels, half_norms, codes, distances)
 
-    def worker() -> None:
-        while (i := next(counter)) < len(starts):
-            run(starts[i], min(starts[i] + rows_per_slice, n))
+    def worker(held: tuple[Tensor, ...] = buffers) -> None:
+        try:
+            while not failed.is_set() and (i := next(counter)) < len(starts):
+                run(starts[i], min(starts[i] + rows_per_slice, n))
+        except BaseException:
+            failed.set()
+            raise
 
     futures = [_thread_pool().submit(worker) for _ in range(threads - 1)]
-    worker()
+    try:
+        worker()
+    finally:
+        # Also on an error or interrupt here: the others stop after their current slice.
+        concurrent.futures.wait(futures)
     for future in futures:
         future.result()
     return codes, distances
