@@ -111,19 +111,11 @@ def _straight_through_rows(
     """
     search = torch.func.vmap(nearest_codes, in_dims=(1, None if cfg.share else 0), out_dims=1)
     codes, distances = search(z, codebook)
-    flat_codes = codes
-    if not cfg.share:
-        offsets = torch.arange(cfg.groups, device=codes.device) * cfg.codes_per_book
-        flat_codes = codes + offsets
-    flat_codes = flat_codes.reshape(-1)
-    flat_book = codebook.reshape(-1, cfg.code_dim)
-    weights = None
-    if row_mask is not None:
-        weights = row_mask.to(z.dtype).unsqueeze(-1).expand(codes.shape).reshape(-1)
+    weights = None if row_mask is None else _flat_row_weights(row_mask, codes, z.dtype)
     out, z_q, loss = straight_through_with_loss(
         z.reshape(-1, cfg.code_dim),
-        flat_book,
-        flat_codes,
+        codebook.reshape(-1, cfg.code_dim),
+        _flat_codes(codes, cfg),
         beta=cfg.beta,
         nu=cfg.sync_nu,
         weights=weights,
@@ -133,18 +125,28 @@ def _straight_through_rows(
 
 def book_histogram(codes: Tensor, cfg: VQConfig, row_mask: Tensor | None = None) -> Tensor:
     """Counts `[num_books, K]` of row codes `[M, G]` (rows weighted by `row_mask` `[M]`)."""
-    k = cfg.codes_per_book
-    if cfg.share:
-        flat = codes.reshape(-1)
-    else:
-        offsets = torch.arange(cfg.groups, device=codes.device) * k
-        flat = (codes + offsets).reshape(-1)
+    flat = _flat_codes(codes, cfg)
     if row_mask is None:
         weights = torch.ones(flat.shape, device=codes.device)
     else:
-        weights = row_mask.to(torch.float32).unsqueeze(-1).expand(codes.shape).reshape(-1)
-    counts = weights.new_zeros(cfg.num_books * k).scatter_add(0, flat, weights)
-    return counts.view(cfg.num_books, k)
+        weights = _flat_row_weights(row_mask, codes, torch.float32)
+    counts = weights.new_zeros(cfg.num_books * cfg.codes_per_book).scatter_add(0, flat, weights)
+    return counts.view(cfg.num_books, cfg.codes_per_book)
+
+
+def _flat_codes(codes: Tensor, cfg: VQConfig) -> Tensor:
+    """Row codes `[M, G]` -> `[M * G]` indices into the codebooks flattened to `[num_codes, d]`.
+
+    Separate codebooks `[G, K, d]` flatten to `[G * K, d]`, so group `g`'s codes gain `g * K`.
+    """
+    if not cfg.share:
+        codes = codes + torch.arange(cfg.groups, device=codes.device) * cfg.codes_per_book
+    return codes.reshape(-1)
+
+
+def _flat_row_weights(row_mask: Tensor, codes: Tensor, dtype: torch.dtype) -> Tensor:
+    """A row mask `[M]` as weights `[M * G]`, one per row and group, matching `_flat_codes`."""
+    return row_mask.to(dtype).unsqueeze(-1).expand(codes.shape).reshape(-1)
 
 
 def quantize(
