@@ -5,6 +5,8 @@ every method alike): vqfunc's `nearest_codes`; vqfunc's `quantize` forward and
 forward+backward; a naive `torch.cdist` + `argmin` over the full `N x K` matrix; faiss
 `IndexFlatL2` when faiss is installed (`pip install vqfunc[bench]`); and the floor
 `2 N K D / GEMM rate`, the rate measured here on a large square matrix product (best run).
+On CPU each timed call starts after a short pause, so that no method pays for the threads the
+method before it left spinning.
 Each is printed as a median time and as a ratio; the codes of every method are compared with
 vqfunc's.
 
@@ -57,6 +59,8 @@ MEMORY_SHAPE = (1_000_000, 64, 8192)
 # The naive method builds the full N x K matrix; above this many bytes it is skipped.
 _NAIVE_LIMIT_BYTES = 2 << 30
 _MIB = float(1 << 20)
+# Pause before each timed CPU call (see bench_shape).
+_SETTLE_SECONDS = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +227,14 @@ def bench_shape(
         codes = result[1].codes if name == "quantize fwd" else result
         agreement[name] = (codes.to(reference.device) == reference).float().mean().item()
         del result, codes
-    # Interleaved repeats: each round runs every method once.
+    # Interleaved repeats: each round runs every method once, each after a pause in which the
+    # worker threads of the method before (torch's and faiss's OpenMP pools spin-wait for a
+    # while after each parallel region) go idle and hand the cores back.
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
+            if device.type == "cpu":
+                time.sleep(_SETTLE_SECONDS)
             samples[name].append(_once(fn, device))
     times = {name: statistics.median(s) for name, s in samples.items()}
     return Row(shape, 2.0 * n * k * d / rate, times, peaks, agreement)
