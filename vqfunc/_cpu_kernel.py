@@ -1,39 +1,47 @@
-"""The compiled CPU search kernel: built on first use, loaded with ctypes, optional.
+"""The compiled CPU kernels: built on first use, loaded with ctypes, optional.
 
-`_nearest_kernel.c` is a plain C file (no torch headers, no Python API), so it builds in about a
-second with the system C compiler and needs neither ninja nor a build step at install time.
-The shared library is cached under `$VQFUNC_CACHE_DIR` (default `~/.cache/vqfunc`), keyed by a
-hash of the source, compiler and flags. Any failure (no compiler, not x86-64 with AVX2 and FMA,
-a read-only cache) makes `available()` false, and the search uses its pure-torch path.
-Set `VQFUNC_CPU_KERNEL=0` to disable the kernel.
+`_nearest_kernel.c` (the search) and `_straight_through_kernel.c` (the straight-through output
+and commitment loss, forward and backward) are plain C files (no torch headers, no Python API),
+so they build in about a second with the system C compiler and need neither ninja nor a build
+step at install time. The shared library is cached under `$VQFUNC_CACHE_DIR` (default
+`~/.cache/vqfunc`), keyed by a hash of the sources, compiler and flags. Any failure (no
+compiler, not x86-64 with AVX2 and FMA, a read-only cache) makes `available()` false, and
+vqfunc uses its pure-torch paths. Set `VQFUNC_CPU_KERNEL=0` to disable the kernels.
 
-Memory safety rests on this wrapper: it checks shapes, dtype and device before any pointer
-reaches C, keeps every tensor whose pointer a search thread uses alive until that thread is
-done (even when the caller leaves early on an exception or KeyboardInterrupt), and drops its
-thread pool in a forked child (the parent's threads do not exist there).
+The kernels run on OpenMP threads. Built with `-fopenmp`, the library needs `libgomp.so.1`,
+which the dynamic loader finds already loaded when torch uses the GNU runtime (the Linux
+wheels do): kernels and torch's own operators then share one thread pool, and neither leaves
+the other's threads spinning on the cores it needs. Each call is synchronous, so every tensor
+whose memory C reads or writes is alive for its whole duration.
+
+Memory safety rests on the wrappers: they check shapes, dtype and device before any pointer
+reaches C.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import functools
 import hashlib
-import itertools
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("_nearest_kernel.c")
+# The search kernel and the straight-through kernels, built together into one library.
+_SOURCES = (
+    Path(__file__).with_name("_nearest_kernel.c"),
+    Path(__file__).with_name("_straight_through_kernel.c"),
+)
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
+# OpenMP threads, in the runtime torch loads (libgomp.so.1 on Linux builds, found by its
+# soname); a compiler without OpenMP builds the same kernels single-threaded.
+_OPENMP_FLAGS = ("-fopenmp",)
 # Codes per panel and the padding of the codebook (whole groups of panels), as in the C source.
 PANEL = 16
 GROUP = 64
@@ -59,33 +67,39 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(compiler: str) -> Path:
-    source = _SOURCE.read_bytes()
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
+    sources = [path.read_bytes() for path in _SOURCES]
     key = hashlib.sha256(
-        source + compiler.encode() + " ".join(_FLAGS).encode() + platform.machine().encode()
+        b"\0".join(sources)
+        + compiler.encode()
+        + " ".join(flags).encode()
+        + platform.machine().encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"nearest_kernel_{key}.so"
+    target = _cache_dir() / f"cpu_kernels_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target, then rename: concurrent processes never see a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    # Compile the very bytes that were hashed (not the file, which may have changed since), so
-    # a cached library always matches its key.
-    fd, tmp_source = tempfile.mkstemp(suffix=".c", dir=target.parent)
-    with os.fdopen(fd, "wb") as file:
-        file.write(source)
+    # Compile the very bytes that were hashed (not the files, which may have changed since),
+    # so a cached library always matches its key.
+    tmp_sources = []
     try:
+        for source in sources:
+            fd, tmp_source = tempfile.mkstemp(suffix=".c", dir=target.parent)
+            tmp_sources.append(tmp_source)
+            with os.fdopen(fd, "wb") as file:
+                file.write(source)
         subprocess.run(
-            [compiler, *_FLAGS, "-o", tmp, tmp_source],
+            [compiler, *flags, "-o", tmp, *tmp_sources],
             check=True,
             capture_output=True,
             timeout=120,
         )
         os.replace(tmp, target)
     finally:
-        for path in (tmp, tmp_source):
+        for path in (tmp, *tmp_sources):
             if os.path.exists(path):
                 os.unlink(path)
     return target
@@ -100,9 +114,14 @@ def _library() -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
         return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError):
+    lib = None
+    for flags in (_FLAGS + _OPENMP_FLAGS, _FLAGS):
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, flags)))
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    if lib is None:
         return None
     lib.vq_supported.restype = ctypes.c_int
     lib.vq_pack_f32.restype = None
@@ -116,19 +135,23 @@ def _library() -> ctypes.CDLL | None:
     ]
     if not lib.vq_supported():
         return None
-    lib.vq_nearest_f32.restype = ctypes.c_int
+    ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.vq_nearest_f32.restype = c_int
     lib.vq_nearest_f32.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
+        *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
+        *(ptr, ptr, i64, c_int),  # codes, distances, rows per slice, threads
+    ]
+    lib.vq_st_forward_f32.restype = c_int
+    lib.vq_st_forward_f32.argtypes = [
+        *(ptr, ptr, ptr, ptr, i64, i64, i64),  # z, codebook, codes, weights, num_codes, d, n
+        *(ptr, ptr, ptr, i64, c_int),  # out, z_q, partial sums, slices, threads
+    ]
+    lib.vq_st_backward_f32.restype = c_int
+    lib.vq_st_backward_f32.argtypes = [
+        *(ptr, ptr, ptr, ptr, i64, i64, i64),  # z, codebook, codes, weights, num_codes, d, n
+        *(ptr, i64, i64, ptr, i64, i64),  # g and gq with their row and column strides
+        *(f32, f32, f32),  # a_z, a_q, nu
+        *(ptr, ptr, ptr, i64, c_int),  # grad_z, grad_cb, extra buffers, books, threads
     ]
     return lib
 
@@ -138,29 +161,31 @@ def available() -> bool:
     return _library() is not None
 
 
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+def library() -> ctypes.CDLL:
+    """The loaded library; raises when `available()` is false."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
+    return lib
 
 
-def _thread_pool() -> ThreadPoolExecutor:
-    # ctypes releases the GIL during the call, so plain Python threads run the row ranges
-    # in parallel; the pool is created once and reused.
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-        return _pool
+_forked = False
 
 
-def _forget_pool_in_child() -> None:
-    # A forked child inherits the pool object but none of its threads: work submitted to it
-    # would never run. The child starts its own pool (and lock) on first use.
-    global _pool, _pool_lock
-    _pool = None
-    _pool_lock = threading.Lock()
+def _note_fork() -> None:
+    global _forked
+    _forked = True
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+# GNU OpenMP cannot start threads in a child forked after the parent used its thread pool: the
+# child would wait forever for workers that do not exist there (torch's own operators hang the
+# same way). In a forked child the kernels therefore run on the calling thread alone.
+os.register_at_fork(after_in_child=_note_fork)
+
+
+def max_threads() -> int:
+    """Threads the kernels may use: torch's intra-op thread count, or 1 in a forked child."""
+    return 1 if _forked else max(1, torch.get_num_threads())
 
 
 def _check_matrix(name: str, value: Tensor) -> None:
@@ -178,9 +203,7 @@ def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
 
     Padding codes have half norm `+inf` so that they never win. Requires `available()`.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
+    lib = library()
     _check_matrix("codebook", codebook)
     book = codebook.resolve_neg().contiguous()
     k, d = book.shape
@@ -195,11 +218,9 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     """Codes `[N]` int64 of the nearest rows of `codebook` `[K, d]` for `vectors` `[N, d]`,
     and the Euclidean distances `[N]` float32 to them.
 
-    Both float32 on CPU; requires `available()`. Uses `torch.get_num_threads()` threads.
+    Both float32 on CPU; requires `available()`. Uses up to `max_threads()` threads.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
+    lib = library()
     _check_matrix("vectors", vectors)
     _check_matrix("codebook", codebook)
     # The kernel reads d floats per row of both: a mismatch would read past the codebook.
@@ -225,54 +246,19 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
         return codes, distances
     panels, half_norms = pack_codebook(book)
     groups = half_norms.shape[0] // GROUP
-    args = (
-        x.data_ptr(),
-        d,
-        panels.data_ptr(),
-        half_norms.data_ptr(),
-        groups,
-        k,
-        book.data_ptr(),
-        codes.data_ptr(),
-        distances.data_ptr(),
-    )
-
-    def run(begin: int, end: int) -> None:
-        status = lib.vq_nearest_f32(args[0], begin, end, *args[1:])
-        if status != 0:
-            raise RuntimeError(f"vqfunc CPU kernel failed with status {status}")
-
     work = n * groups * GROUP * max(d, 1)
-    threads = max(1, min(torch.get_num_threads(), work // _MIN_WORK_PER_THREAD))
-    if threads == 1:
-        run(0, n)
-        return codes, distances
-    # Work is handed out in slices of whole row blocks from a shared counter, so a thread
-    # that the OS delays (a busy machine) leaves its share to the others instead of being
-    # waited for. The calling thread is one of the workers.
+    threads = max(1, min(max_threads(), work // _MIN_WORK_PER_THREAD))
+    # Slices of whole row blocks, several per thread, handed out dynamically, so that a thread
+    # the OS delays (a busy machine) leaves its share to the others instead of being waited for.
     rows_per_slice = _ROW_BLOCK * max(1, -(-n // (_ROW_BLOCK * _SLICES_PER_THREAD * threads)))
-    starts = range(0, n, rows_per_slice)
-    counter = itertools.count()
-    failed = threading.Event()
-    # Every tensor whose pointer is in `args`, held by each worker (a default argument lives
-    # as long as the function object, which the pool keeps until the worker has run): the
-    # memory outlives the call if the caller leaves early.
-    buffers = (x, book, panels, half_norms, codes, distances)
-
-    def worker(held: tuple[Tensor, ...] = buffers) -> None:
-        try:
-            while not failed.is_set() and (i := next(counter)) < len(starts):
-                run(starts[i], min(starts[i] + rows_per_slice, n))
-        except BaseException:
-            failed.set()
-            raise
-
-    futures = [_thread_pool().submit(worker) for _ in range(threads - 1)]
-    try:
-        worker()
-    finally:
-        # Also on an error or interrupt here: the others stop after their current slice.
-        concurrent.futures.wait(futures)
-    for future in futures:
-        future.result()
+    status = lib.vq_nearest_f32(
+        *(x.data_ptr(), n, d, panels.data_ptr(), half_norms.data_ptr(), groups, k),
+        *(book.data_ptr(), codes.data_ptr(), distances.data_ptr(), rows_per_slice, threads),
+    )
+    check_status(status)
     return codes, distances
+
+
+def check_status(status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"vqfunc CPU kernel failed with status {status}")

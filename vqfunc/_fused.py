@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vqfunc import _straight_through_cpu
+
 # Elements of one chunk of rows: a float32 temporary of 2**20 elements is 4 MiB.
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -50,6 +52,9 @@ class _StraightThroughWithLoss(torch.autograd.Function):
     def forward(
         z: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor | None, beta: float, nu: float
     ) -> tuple[Tensor, Tensor, Tensor]:
+        if _straight_through_cpu.applies(codes, z, codebook, weights):
+            out, z_q, total = _straight_through_cpu.forward(z, codebook, codes, weights)
+            return out, z_q, total / _loss_count(z, weights)
         out = codebook.index_select(0, codes)
         total = z.new_zeros(())
         step = _chunk_rows(z)
@@ -81,6 +86,23 @@ class _StraightThroughWithLoss(torch.autograd.Function):
         # With diff = w (z - z_q): d loss / d z = 2 (1 - beta) diff / count and
         # d loss / d z_q = -2 beta diff / count.
         scale = None if grad_loss is None else 2.0 * grad_loss / _loss_count(z, weights)
+        if scale is not None and _straight_through_cpu.applies(
+            codes, z, codebook, weights, grad_out, grad_z_q, scale
+        ):
+            grad_z, grad_codebook = _straight_through_cpu.backward(
+                z,
+                codebook,
+                codes,
+                weights,
+                grad_out,
+                grad_z_q,
+                a_z=(1.0 - beta) * scale.item(),
+                a_q=-beta * scale.item(),
+                nu=nu if nu > 0 else 0.0,
+                need_z=need_z,
+                need_codebook=need_codebook,
+            )
+            return grad_z, grad_codebook, None, None, None, None
         z_parts = []
         grad_codebook = torch.zeros_like(codebook) if need_codebook else None
         step = _chunk_rows(z)

@@ -205,11 +205,10 @@ TARGET static inline void record_group(__m256 m, int64_t g, float *best, int32_t
  * PADDING codes, the first `num_codes` of them real (`codebook` [num_codes, d] is the same
  * codebook unpacked). Writes codes[row_begin:row_end] and the Euclidean distances
  * ||x - codebook[code]|| to distances[row_begin:row_end]. */
-TARGET int vq_nearest_f32(const float *x, int64_t row_begin, int64_t row_end, int64_t d,
-                          const float *packed, const float *half_norms,
-                          int64_t padded_groups, int64_t num_codes, const float *codebook, int64_t *codes,
-                          float *distances) {
-    if (!vq_supported() || d < 1) return -1;
+TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_end, int64_t d,
+                               const float *packed, const float *half_norms,
+                               int64_t padded_groups, int64_t num_codes, const float *codebook,
+                               int64_t *codes, float *distances) {
     float *short_tile = malloc(sizeof(float) * TILE_ROWS * d);
     if (short_tile == NULL) return -2;
     /* A code block of about 192 KiB stays in L2 while a row block sweeps it. */
@@ -286,26 +285,33 @@ TARGET int vq_nearest_f32(const float *x, int64_t row_begin, int64_t row_end, in
     return 0;
 }
 
+/* All n rows of x, in slices of rows_per_slice rows handed out dynamically to `threads`
+ * OpenMP threads (the runtime torch uses, when it is loaded: one pool, no oversubscription). */
+int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
+                   const float *half_norms, int64_t padded_groups, int64_t num_codes,
+                   const float *codebook, int64_t *codes, float *distances,
+                   int64_t rows_per_slice, int threads) {
+    if (!vq_supported() || d < 1 || rows_per_slice < 1) return -1;
+    const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
+    int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t s = 0; s < slices; ++s) {
+        const int64_t begin = s * rows_per_slice;
+        const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
+        const int result = nearest_rows(x, begin, end, d, packed, half_norms, padded_groups,
+                                        num_codes, codebook, codes, distances);
+        if (result != 0) {
+#pragma omp atomic write
+            status = result;
+        }
+    }
+    return status;
+}
+
 #else
 
 int vq_supported(void) { return 0; }
 
-int vq_nearest_f32(const float *x, int64_t row_begin, int64_t row_end, int64_t d,
-                   const float *packed, const float *half_norms, int64_t groups,
-                   int64_t num_codes, const float *codebook, int64_t *codes,
-                   float *distances) {
-    (void)x;
-    (void)row_begin;
-    (void)row_end;
-    (void)d;
-    (void)packed;
-    (void)half_norms;
-    (void)groups;
-    (void)num_codes;
-    (void)codebook;
-    (void)codes;
-    (void)distances;
-    return -1;
-}
+int vq_nearest_f32(void) { return -1; }
 
 #endif
