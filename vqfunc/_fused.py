@@ -1,4 +1,4 @@
-"""The straight-through quantizer output and its commitment loss, fused and chunked.
+"""The straight-through quantizer output and its commitment loss, fused.
 
 `straight_through_with_loss(z, codebook, codes, beta, nu, weights)` computes, for rows
 `z [R, d]` and their selected codes `codebook[codes]`, in one autograd node:
@@ -11,10 +11,18 @@
 
 It gives the values and gradients of the composition of `estimators.straight_through`,
 `estimators.synchronized` and `losses.commitment_loss`, but never holds an `R x d` temporary
-besides its output: the loss is summed and its gradients are formed a chunk of rows at a time,
-and the codebook gradient is accumulated with one `index_put` per chunk. Written with
-`setup_context` and `generate_vmap_rule=True`, so it composes with `torch.func.grad`, `vmap`,
-`jacrev` and `torch.compile(fullgraph=True)`.
+besides its outputs. Two implementations:
+
+- on plain float32 CPU tensors (eager, grad mode off inside the node) the compiled kernels of
+  `_straight_through_cpu`: one pass over the rows forward (outputs and loss) and one backward
+  (both gradients, the codebook's scatter-added per thread);
+- everywhere else torch: the loss is summed and its gradients formed a chunk of rows at a time,
+  the codebook gradient accumulated with one `index_put` per chunk.
+
+Written with `setup_context` and `generate_vmap_rule=True`, so it composes with
+`torch.func.grad`, `vmap`, `jacrev` and `torch.compile(fullgraph=True)` (which see the torch
+path), and with double backward (the torch path, which is differentiable, runs whenever the
+backward records a graph).
 """
 
 from __future__ import annotations
