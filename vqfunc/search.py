@@ -3,16 +3,22 @@
 `nearest_codes(vectors [N, d], codebook [K, d]) -> (codes [N], distances [N])`, exact
 Euclidean nearest codes, ranked by `||c||^2 / 2 - z.c` (the same argmin as `||z - c||`).
 
-Two implementations give the same codes (ties aside):
+Three implementations give the same codes (ties aside):
 
 - a fused distance + argmin kernel for float32 on x86-64 CPUs with AVX2 and FMA
   (`vqfunc/_nearest_kernel.c`, built on first use, see `vqfunc/_cpu_kernel.py`): it keeps a
   running minimum in registers and never writes a score to memory, so small code dimensions are
   not memory-bound;
-- pure torch everywhere else (float64, CUDA, other CPUs, or `VQFUNC_CPU_KERNEL=0`): chunked
-  `addmm` + `argmin`, with chunks sized so that one `chunk x K` score block stays in cache.
+- on CUDA, a fused Triton kernel (`vqfunc/_triton_search.py`) when Triton imports: tiles of
+  scores from `tl.dot` reduced to a running minimum per row, reading float16 / bfloat16 inputs
+  in their own dtype (float32 accumulation). A kernel that fails to compile warns once and the
+  search goes on in torch; `VQFUNC_TRITON=0` disables it;
+- pure torch everywhere else (float64, CUDA without Triton, other CPUs, or
+  `VQFUNC_CPU_KERNEL=0`): chunked `addmm` + `argmin`, with chunks sized so that one `chunk x K`
+  score block stays in cache.
 
-Either way peak extra memory is bounded by a chunk (or a few KiB per thread), never `N x K`.
+In every case peak extra memory is bounded by a chunk (a few KiB per thread in the CPU kernel,
+the half norms `[K]` in the Triton one), never `N x K`.
 
 The search is the custom operator `torch.ops.vqfunc.nearest_codes`, so it composes with
 `torch.compile(fullgraph=True)` (a fake implementation gives shapes) and with `torch.func.vmap`
@@ -28,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vqfunc import _cpu_kernel
+from vqfunc import _cpu_kernel, _triton_search
 
 # Elements of one `chunk x K` score block: 2**18 float32 scores are 1 MiB, which stays in cache.
 _BLOCK_ELEMENTS = 1 << 18
@@ -70,9 +76,14 @@ def torch_nearest_codes(vectors: Tensor, codebook: Tensor) -> Tensor:
 
 
 def _exact_distances(vectors: Tensor, codebook: Tensor, codes: Tensor) -> Tensor:
-    """`||vectors - codebook[codes]||` per row, a chunk of rows at a time."""
+    """`||vectors - codebook[codes]||` per row in the search dtype, a chunk of rows at a time."""
+    # A no-op for float32 and float64; half inputs (the CUDA kernel's) are upcast a chunk at a time.
+    dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
     parts = [
-        (vectors[s : s + _DISTANCE_ROWS] - codebook[codes[s : s + _DISTANCE_ROWS]]).norm(dim=-1)
+        (
+            vectors[s : s + _DISTANCE_ROWS].to(dtype)
+            - codebook[codes[s : s + _DISTANCE_ROWS]].to(dtype)
+        ).norm(dim=-1)
         for s in range(0, max(vectors.shape[0], 1), _DISTANCE_ROWS)
     ]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -80,8 +91,16 @@ def _exact_distances(vectors: Tensor, codebook: Tensor, codes: Tensor) -> Tensor
 
 @torch.library.custom_op("vqfunc::nearest_codes", mutates_args=())
 def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
-    if vectors.shape[0] > 0 and codebook.shape[0] > 0 and uses_cpu_kernel(vectors, codebook):
-        return _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    if vectors.shape[0] > 0 and codebook.shape[0] > 0:
+        if _triton_search.usable(vectors, codebook):
+            result = _triton_search.try_nearest_codes(vectors, codebook)
+            if result is not None:
+                return result
+        elif uses_cpu_kernel(vectors, codebook):
+            return _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    # Half inputs arrive here only from CUDA (see `_keeps_input_dtype`): search in float32.
+    dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
+    vectors, codebook = vectors.to(dtype), codebook.to(dtype)
     codes = torch_nearest_codes(vectors, codebook)
     return codes, _exact_distances(vectors, codebook, codes)
 
@@ -89,7 +108,8 @@ def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
 @_nearest_codes_op.register_fake
 def _(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     n = vectors.shape[0]
-    return vectors.new_empty(n, dtype=torch.int64), vectors.new_empty(n)
+    distance_dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
+    return vectors.new_empty(n, dtype=torch.int64), vectors.new_empty(n, dtype=distance_dtype)
 
 
 def _batching_rule(
@@ -133,7 +153,22 @@ def nearest_codes(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
         codes: `[N]` int64 indices into `codebook` (the first of tied codes).
         distances: `[N]` Euclidean distances `||z - codebook[codes]||` in the search dtype.
     """
-    dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
-    z = vectors.detach().to(dtype)
-    c = codebook.detach().to(dtype)
+    z, c = vectors.detach(), codebook.detach()
+    if not _keeps_input_dtype(z, c):
+        dtype = search_dtype(torch.promote_types(z.dtype, c.dtype))
+        z, c = z.to(dtype), c.to(dtype)
     return _nearest_codes_op(z, c)
+
+
+def _keeps_input_dtype(vectors: Tensor, codebook: Tensor) -> bool:
+    """Whether half inputs reach the search op uncast: on CUDA, where the Triton kernel reads
+    them directly (half the memory traffic of a float32 copy; the op upcasts if it falls back).
+
+    Decided from devices and dtypes alone, so `torch.compile` traces it without a graph break.
+    """
+    return (
+        vectors.device.type == "cuda"
+        and codebook.device.type == "cuda"
+        and vectors.dtype == codebook.dtype
+        and vectors.dtype in (torch.float16, torch.bfloat16)
+    )
