@@ -141,3 +141,47 @@ def test_block_sizes(dtype: torch.dtype, n: int, d: int) -> None:
     if blocks.one_d_tile:
         assert blocks.dims >= d
     assert blocks.one_d_tile == (d <= (64 if dtype == torch.float32 else 128))
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("dtype", "dim"), [(torch.float32, 33), (torch.bfloat16, 64), (torch.float16, 200)]
+)
+def test_kernel_compiles_for_hopper(dtype: torch.dtype, dim: int) -> None:
+    # Ahead-of-time compilation to sm_90 machine code (Triton's bundled ptxas; no GPU needed):
+    # the lowering the interpreter skips. Half operands must reach the tensor cores (wgmma).
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vqfunc._triton_kernel import nearest_codes_kernel
+
+    blocks = _triton_search.block_sizes(70_000, dim, dtype)
+    element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    constants = {
+        "stride_vd": 1,
+        "stride_cd": 1,
+        "BLOCK_N": blocks.rows,
+        "BLOCK_K": blocks.codes,
+        "BLOCK_D": blocks.dims,
+        "ONE_D_TILE": blocks.one_d_tile,
+        "INPUT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "DOT_IN_F32": False,
+    }
+    signature = {
+        "vectors_ptr": f"*{element}",
+        "codebook_ptr": f"*{element}",
+        "half_norms_ptr": "*fp32",
+        "codes_ptr": "*i64",
+        **{name: "i32" for name in ("num_rows", "num_codes", "dim", "stride_vn", "stride_ck")},
+        **{name: "constexpr" for name in constants},
+    }
+    try:
+        source = ASTSource(nearest_codes_kernel, signature, constants)
+    except (TypeError, KeyError, ValueError) as error:  # another Triton's signature format
+        pytest.skip(f"this Triton's ahead-of-time API differs: {error}")
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": blocks.num_warps}
+    )
+    assert compiled.asm["cubin"]
+    assert ("wgmma" in compiled.asm["ptx"]) == (dtype != torch.float32)

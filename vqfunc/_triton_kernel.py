@@ -15,7 +15,8 @@ import triton.language as tl
 _NO_CODE = tl.constexpr(2**31 - 1)
 
 
-@triton.jit
+# The batch size changes from call to call: no recompilation for each (e.g. N == 1).
+@triton.jit(do_not_specialize=["num_rows"])
 def nearest_codes_kernel(
     vectors_ptr,
     codebook_ptr,
