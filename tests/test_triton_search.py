@@ -2,7 +2,8 @@
 
 The kernel checks live in `tests/triton_interpret_worker.py` and run in one child process with
 `TRITON_INTERPRET=1` (`triton.jit` reads it when the kernel is defined, so this process, whose
-kernel would be the compiled one, cannot run them). The other tests need no Triton.
+kernel would be the compiled one, cannot run them); on a machine with a GPU they also run
+compiled, on CUDA tensors. The wiring tests need no Triton.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    out = tmp_path_factory.mktemp("triton") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "VQFUNC_TRITON": "1", "OMP_NUM_THREADS": "1"}
+def run_worker(out: Path, device: str) -> dict[str, str]:
+    """Every check of the worker on `device`: "cpu" in the interpreter, "cuda" compiled."""
+    env = {**os.environ, "VQFUNC_TRITON": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     run = subprocess.run(
-        [sys.executable, str(WORKER), str(out), *CHECKS],
+        [sys.executable, str(WORKER), str(out), device, *CHECKS],
         env=env,
         cwd=WORKER.parent,
         capture_output=True,
@@ -56,10 +59,24 @@ def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
     return results
 
 
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return run_worker(tmp_path_factory.mktemp("triton") / "results.json", "cpu")
+
+
 @needs_triton
 @pytest.mark.parametrize("check", CHECKS)
 def test_kernel_in_interpreter(check: str, interpreter_results: dict[str, str]) -> None:
     assert interpreter_results[check] == "ok", interpreter_results[check]
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_kernel_on_cuda(tmp_path: Path) -> None:
+    # The same checks, compiled for and run on the GPU.
+    results = run_worker(tmp_path / "results.json", "cuda")
+    failed = {name: trace for name, trace in results.items() if trace != "ok"}
+    assert not failed, "\n".join(failed.values())
 
 
 def test_every_worker_check_is_run() -> None:

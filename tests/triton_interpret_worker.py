@@ -1,9 +1,10 @@
-"""Checks of the Triton search kernel in Triton's interpreter, on CPU tensors.
+"""Checks of the Triton search kernel: in Triton's interpreter on CPU, or compiled on CUDA.
 
-`triton.jit` reads `TRITON_INTERPRET` when the kernel is defined, so these checks run in a
-process started with `TRITON_INTERPRET=1` (by `tests/test_triton_search.py`):
+`triton.jit` reads `TRITON_INTERPRET` when the kernel is defined, so the interpreter's checks
+run in a process started with `TRITON_INTERPRET=1` (by `tests/test_triton_search.py`):
 
-    TRITON_INTERPRET=1 python tests/triton_interpret_worker.py OUT.json [CHECK ...]
+    TRITON_INTERPRET=1 python tests/triton_interpret_worker.py OUT.json cpu [CHECK ...]
+    python tests/triton_interpret_worker.py OUT.json cuda [CHECK ...]
 
 Every `check_*` function runs (or only the named ones); OUT.json maps each name to "ok" or to
 the traceback of its failure.
@@ -24,8 +25,8 @@ import vqfunc._triton_kernel as triton_kernel
 from vqfunc import _triton_search
 from vqfunc.search import nearest_codes, torch_nearest_codes
 
-# Under the interpreter the kernel runs on CPU tensors.
-_triton_search.DEVICE_TYPE = "cpu"
+# The device of the checks' tensors: "cpu" under the interpreter, else "cuda" (set by `main`).
+DEVICE = torch.device("cpu")
 
 HALVES = (torch.float16, torch.bfloat16)
 # (N, K, d): none a multiple of the blocks; d = 3, 8, 33 fit one dimension tile, d = 130 loops
@@ -45,7 +46,8 @@ SHAPES = [
 
 def problem(n: int, k: int, d: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g).to(dtype), torch.randn(k, d, generator=g).to(dtype)
+    vectors, codebook = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    return vectors.to(DEVICE, dtype), codebook.to(DEVICE, dtype)
 
 
 def assert_exact_ties_aside(
@@ -94,9 +96,9 @@ def check_ties_pick_the_first_code() -> None:
     # Small integers: every product and sum is exact in float32 whatever the summation order
     # (which the interpreter's matrix product varies with a column's place in the tile), so
     # copies of a code score exactly alike and the ties are real.
-    base = torch.randint(-4, 5, (70, 8), generator=g).float()
+    base = torch.randint(-4, 5, (70, 8), generator=g).float().to(DEVICE)
     assert torch.unique(base, dim=0).shape[0] == 70
-    picks = torch.randperm(70, generator=g)[:33]
+    picks = torch.randperm(70, generator=g)[:33].to(DEVICE)
     for dtype in (torch.float32, *HALVES):
         book = base.to(dtype)
         # Codes j + 70 and j + 140 repeat code j: copies in the same tile and in later ones
@@ -106,24 +108,24 @@ def check_ties_pick_the_first_code() -> None:
         # All codes equal: every row takes code 0, across several tiles.
         same = book[:1].expand(300, 8)
         codes = _triton_search.search_codes(book[picks], same)
-        assert torch.equal(codes, torch.zeros(33, dtype=torch.int64)), dtype
+        assert torch.equal(codes, torch.zeros(33, dtype=torch.int64, device=DEVICE)), dtype
 
 
 def check_empty_batch_and_zero_dimensions() -> None:
     for dtype in (torch.float32, *HALVES):
         codes, distances = _triton_search.nearest_codes_triton(
-            torch.zeros(0, 5, dtype=dtype), torch.randn(3, 5).to(dtype)
+            torch.zeros(0, 5, dtype=dtype, device=DEVICE), torch.randn(3, 5).to(DEVICE, dtype)
         )
         assert codes.shape == (0,) and codes.dtype == torch.int64 and distances.shape == (0,)
-    codes = _triton_search.search_codes(torch.randn(4, 0), torch.randn(6, 0))
-    assert torch.equal(codes, torch.zeros(4, dtype=torch.int64))
+    codes = _triton_search.search_codes(torch.randn(4, 0).to(DEVICE), torch.randn(6, 0).to(DEVICE))
+    assert torch.equal(codes, torch.zeros(4, dtype=torch.int64, device=DEVICE))
 
 
 def check_strided_vectors_and_codebook() -> None:
     g = torch.Generator().manual_seed(3)
     # Columns of a transposed matrix: vectors with stride (1, 37), a codebook with (1, 50).
-    vectors = torch.randn(33, 37, generator=g).t()
-    codebook = torch.randn(33, 50, generator=g).t()
+    vectors = torch.randn(33, 37, generator=g).to(DEVICE).t()
+    codebook = torch.randn(33, 50, generator=g).to(DEVICE).t()
     codes = _triton_search.search_codes(vectors, codebook)
     assert torch.equal(codes, _triton_search.search_codes(vectors.contiguous(), codebook))
     assert_exact_ties_aside(vectors, codebook, codes)
@@ -137,7 +139,7 @@ def check_non_finite_rows_give_valid_codes() -> None:
         warnings.simplefilter("ignore", RuntimeWarning)
         codes = _triton_search.search_codes(vectors, codebook)
     assert int(codes.min()) >= 0 and int(codes.max()) < 90
-    finite = torch.arange(40) != 3
+    finite = torch.arange(40, device=DEVICE) != 3
     assert_exact_ties_aside(vectors[finite], codebook, codes[finite])
 
 
@@ -155,7 +157,7 @@ def check_search_op_runs_the_kernel() -> None:
         vectors, codebook = problem(50, 40, 16, torch.float32, 5)
         codes, distances = nearest_codes(vectors, codebook)
         assert calls, "nearest_codes did not launch the Triton kernel"
-        assert torch.equal(codes, torch_nearest_codes(vectors, codebook))
+        assert_exact_ties_aside(vectors, codebook, codes)
         assert distances.dtype == torch.float32
         for dtype in HALVES:
             # Half tensors handed to the op as they are, as nearest_codes does on CUDA.
@@ -163,12 +165,17 @@ def check_search_op_runs_the_kernel() -> None:
             codes, distances = torch.ops.vqfunc.nearest_codes(z, c)
             assert distances.dtype == torch.float32
             assert_exact_ties_aside(z, c, codes)
+            # Through nearest_codes: uncast on CUDA, upcast to float32 on CPU.
+            launches = len(calls)
+            codes, distances = nearest_codes(z, c)
+            assert len(calls) == launches + 1 and distances.dtype == torch.float32
+            assert_exact_ties_aside(z, c, codes)
         # The vmap rule pools a stack of vectors into one launch.
         stack, books = problem(3 * 20, 2 * 30, 8, torch.float32, 7)
         stack = stack.view(3, 20, 8)
         pooled = torch.func.vmap(nearest_codes, in_dims=(0, None))(stack, books[:30])
         for i in range(3):
-            assert torch.equal(pooled[0][i], torch_nearest_codes(stack[i], books[:30]))
+            assert_exact_ties_aside(stack[i], books[:30], pooled[0][i])
     finally:
         triton_kernel.nearest_codes_kernel = launch
 
@@ -187,7 +194,8 @@ def check_failed_launch_warns_once_and_falls_back() -> None:
             warnings.simplefilter("always")
             first = torch.ops.vqfunc.nearest_codes(vectors, codebook)
             second = torch.ops.vqfunc.nearest_codes(vectors, codebook)
-        assert len(caught) == 1 and "no kernel image" in str(caught[0].message), caught
+        ours = [w for w in caught if "Triton search kernel" in str(w.message)]
+        assert len(ours) == 1 and "no kernel image" in str(ours[0].message), caught
         expected = torch_nearest_codes(vectors.float(), codebook.float())
         for codes, distances in (first, second):
             assert torch.equal(codes, expected) and distances.dtype == torch.float32
@@ -198,8 +206,13 @@ def check_failed_launch_warns_once_and_falls_back() -> None:
 
 
 def main() -> None:
-    out_path, *names = sys.argv[1:]
-    assert triton_kernel.INTERPRETED, "run with TRITON_INTERPRET=1"
+    global DEVICE
+    out_path, device, *names = sys.argv[1:]
+    DEVICE = torch.device(device)
+    # The interpreter runs the kernel on CPU tensors; compiled, it runs on CUDA ones only.
+    interpreting = DEVICE.type == "cpu"
+    assert interpreting is triton_kernel.INTERPRETED, "TRITON_INTERPRET=1 for cpu, unset for cuda"
+    _triton_search.DEVICE_TYPE = DEVICE.type
     checks = {
         name: fn for name, fn in globals().items() if name.startswith("check_") and callable(fn)
     }
