@@ -66,9 +66,9 @@ int vq_supported(void) {
 /* First code of group g whose score for row x equals `target`, or -1. The same FMA sequence
  * as the tile loop, so the same inputs give bit-identical scores; the 8 accumulators are
  * independent, so this runs at FMA throughput, not latency. */
-TARGET static int64_t rescan_group(const float *x, int64_t d, const float *packed,
-                                   const float *half_norms, int64_t gp, int64_t g,
-                                   float target) {
+TARGET static inline __attribute__((always_inline)) int64_t rescan_panels(
+    const float *x, int64_t d, const float *packed, const float *half_norms, int64_t gp,
+    int64_t g, float target) {
     const float *pp = packed + g * gp * d * PANEL;
     const float *hn = half_norms + g * gp * PANEL;
     __m256 a[MAX_GROUP_PANELS][2];
@@ -94,6 +94,20 @@ TARGET static int64_t rescan_group(const float *x, int64_t d, const float *packe
     return -1;
 }
 
+/* rescan_panels with gp a compile-time constant, so that its accumulators stay in registers. */
+TARGET static int64_t rescan_group(const float *x, int64_t d, const float *packed,
+                                   const float *half_norms, int64_t gp, int64_t g,
+                                   float target) {
+    switch (gp) {
+        case 1:
+            return rescan_panels(x, d, packed, half_norms, 1, g, target);
+        case 2:
+            return rescan_panels(x, d, packed, half_norms, 2, g, target);
+        default:
+            return rescan_panels(x, d, packed, half_norms, MAX_GROUP_PANELS, g, target);
+    }
+}
+
 /* ||x - c|| over d floats, in 8-lane partial sums. */
 TARGET static float distance(const float *x, const float *c, int64_t d) {
     __m256 acc = _mm256_setzero_ps();
@@ -111,6 +125,24 @@ TARGET static float distance(const float *x, const float *c, int64_t d) {
 }
 
 TARGET static inline void record_group(__m256 m, int64_t g, float *best, int32_t *best_group);
+
+/* The minimum v of a row's 8 lane minima, and the first group g holding it (the smallest group
+ * among the lanes that hold v), with vector reductions. Lane minima are never NaN. */
+TARGET static inline void row_minimum(const float *best, const int32_t *best_group, float *v,
+                                      int32_t *g) {
+    const __m256 b = _mm256_loadu_ps(best);
+    __m256 m = _mm256_min_ps(b, _mm256_permute2f128_ps(b, b, 1));
+    m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m256i holds = _mm256_castps_si256(_mm256_cmp_ps(b, m, _CMP_EQ_OQ));
+    const __m256i groups = _mm256_loadu_si256((const __m256i *)best_group);
+    __m256i c = _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), groups, holds);
+    c = _mm256_min_epi32(c, _mm256_permute2x128_si256(c, c, 1));
+    c = _mm256_min_epi32(c, _mm256_shuffle_epi32(c, _MM_SHUFFLE(1, 0, 3, 2)));
+    c = _mm256_min_epi32(c, _mm256_shuffle_epi32(c, _MM_SHUFFLE(2, 3, 0, 1)));
+    *v = _mm256_cvtss_f32(m);
+    *g = _mm256_cvtsi256_si32(c);
+}
 
 /* Per-lane minima of the scores of the TILE_ROWS rows at xt (row stride d) against the codes
  * of groups [g0, g1) of gp panels, folded into best/best_group (rows past `rows` are ignored). `d` is a compile-time constant at the
@@ -267,11 +299,9 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
         }
         for (int64_t i = 0; i < r1 - r0; ++i) {
             const float *row = x + (r0 + i) * d;
-            float v = best[i][0];
-            for (int l = 1; l < 8; ++l) v = best[i][l] < v ? best[i][l] : v;
-            int32_t g = INT32_MAX;
-            for (int l = 0; l < 8; ++l)
-                if (best[i][l] == v && best_group[i][l] < g) g = best_group[i][l];
+            float v;
+            int32_t g;
+            row_minimum(best[i], best_group[i], &v, &g);
             /* The first code reaching v lies in group g (every lane holding v there has g as
              * its first group reaching v), so one group is recomputed. */
             int64_t k_best = g == INT32_MAX ? -1 : rescan_group(row, d, packed, half_norms, gp, g, v);
