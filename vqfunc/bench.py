@@ -60,7 +60,7 @@ MEMORY_SHAPE = (1_000_000, 64, 8192)
 _NAIVE_LIMIT_BYTES = 2 << 30
 _MIB = float(1 << 20)
 # Pause before each timed CPU call (see bench_shape).
-_SETTLE_SECONDS = 0.05
+_SETTLE_SECONDS = 0.02
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,11 +119,11 @@ def _sync(device: torch.device) -> None:
 
 
 def gemm_rate(device: torch.device, dtype: torch.dtype, repeats: int, size: int = 2048) -> float:
-    """FLOP/s of a `size`-square matrix product in `dtype`: the best of `max(repeats, 5)` runs,
+    """FLOP/s of a `size`-square matrix product in `dtype`: the best of `max(repeats, 10)` runs,
     since the floor is what the hardware can do, and a busy machine only ever slows it."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    times = _time(lambda: a @ b, device, max(repeats, 5))
+    times = _time(lambda: a @ b, device, max(repeats, 10))
     return 2.0 * size**3 / min(times)
 
 
