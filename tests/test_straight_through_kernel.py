@@ -159,25 +159,26 @@ def test_fused_function_takes_the_kernel_and_agrees_with_the_torch_path(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _plain_backward(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    codes: torch.Tensor,
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both gradients with unit coefficients, no weights, no synchronized update or `z_q`."""
+    coefficients = {"a_z": 1.0, "a_q": 1.0, "nu": 0.0}
+    return _straight_through_cpu.backward(
+        *(z, codebook, codes, None, grad_out, None), **coefficients, need_z=True, need_codebook=True
+    )
+
+
 @needs_kernel
 def test_empty_batch() -> None:
     z, codebook = torch.zeros(0, 5), torch.randn(4, 5)
     codes = torch.zeros(0, dtype=torch.int64)
     out, z_q, total = _straight_through_cpu.forward(z, codebook, codes, None)
     assert out.shape == z_q.shape == (0, 5) and total.item() == 0.0
-    gz, gc = _straight_through_cpu.backward(
-        z,
-        codebook,
-        codes,
-        None,
-        None,
-        None,
-        a_z=1.0,
-        a_q=1.0,
-        nu=0.0,
-        need_z=True,
-        need_codebook=True,
-    )
+    gz, gc = _plain_backward(z, codebook, codes)
     assert gz is not None and gz.shape == (0, 5)
     assert gc is not None and torch.equal(gc, torch.zeros(4, 5))
 
@@ -191,19 +192,7 @@ def test_codes_out_of_range_raise_instead_of_reading_past_the_codebook() -> None
         with pytest.raises(RuntimeError, match="status -3"):
             _straight_through_cpu.forward(z, codebook, codes, None)
         with pytest.raises(RuntimeError, match="status -3"):
-            _straight_through_cpu.backward(
-                z,
-                codebook,
-                codes,
-                None,
-                None,
-                None,
-                a_z=1.0,
-                a_q=1.0,
-                nu=0.0,
-                need_z=True,
-                need_codebook=True,
-            )
+            _plain_backward(z, codebook, codes)
 
 
 @needs_kernel
@@ -216,19 +205,7 @@ def test_wrong_shapes_and_dtypes_are_refused_before_c_reads_them() -> None:
     with pytest.raises(ValueError, match="weights"):
         _straight_through_cpu.forward(z, codebook, codes, torch.ones(5))
     with pytest.raises(ValueError, match="grad_out"):
-        _straight_through_cpu.backward(
-            z,
-            codebook,
-            codes,
-            None,
-            torch.ones(6, 5),
-            None,
-            a_z=1.0,
-            a_q=1.0,
-            nu=0.0,
-            need_z=True,
-            need_codebook=True,
-        )
+        _plain_backward(z, codebook, codes, torch.ones(6, 5))
     with torch.no_grad():
         assert _straight_through_cpu.applies(codes, z, codebook)
         assert not _straight_through_cpu.applies(codes, z.double(), codebook)
