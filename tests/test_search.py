@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vqfunc import _cpu_kernel
+from vqfunc.bench import PeakMemory
 from vqfunc.search import nearest_codes, torch_nearest_codes, uses_cpu_kernel
 
 needs_kernel = pytest.mark.skipif(
@@ -289,3 +290,17 @@ def test_forked_child_searches_without_hanging(monkeypatch: pytest.MonkeyPatch) 
         child.kill()
         child.join()
     assert child.exitcode == 0
+
+
+def test_torch_path_memory_stays_at_a_chunk() -> None:
+    # The full N x K score matrix would be 128 MiB; one chunk's block is 1 MiB. Small results
+    # allocated between freed blocks used to fragment the heap and let the peak grow with N.
+    meter = PeakMemory(torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    vectors, codebook = torch.randn(65536, 8, generator=g), torch.randn(512, 8, generator=g)
+    torch_nearest_codes(vectors, codebook)
+    codes, peak = meter.measure(lambda: torch_nearest_codes(vectors, codebook))
+    if peak is None:
+        pytest.skip("peak resident memory is not measurable on this platform")
+    assert peak < 24 * 2**20
+    assert_nearest(vectors, codebook, codes)

@@ -65,28 +65,35 @@ def uses_cpu_kernel(vectors: Tensor, codebook: Tensor) -> bool:
 
 def torch_nearest_codes(vectors: Tensor, codebook: Tensor) -> Tensor:
     """Codes `[N]` by chunked `addmm` + `argmin`: the pure-torch path, any device and dtype."""
+    vectors, codebook = vectors.detach(), codebook.detach()  # codes carry no gradient
     half_sq_norms = 0.5 * codebook.square().sum(-1)
+    n = vectors.shape[0]
     step = chunk_rows(codebook.shape[0])
-    parts = []
-    # At least one (possibly empty) chunk, so an empty batch flows through the same ops.
-    for start in range(0, max(vectors.shape[0], 1), step):
-        block = torch.addmm(half_sq_norms, vectors[start : start + step], codebook.t(), alpha=-1.0)
-        parts.append(block.argmin(-1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    # One score block reused by every chunk, and each chunk's argmin written in place: no
+    # small result between freed blocks, which fragments the CPU heap (peak memory then grows
+    # with N instead of staying at one block).
+    codes = torch.empty(n, dtype=torch.int64, device=vectors.device)
+    block = vectors.new_empty(min(step, n), codebook.shape[0])
+    for start in range(0, n, step):
+        rows = min(step, n - start)
+        scores = torch.addmm(
+            half_sq_norms, vectors[start : start + rows], codebook.t(), alpha=-1.0, out=block[:rows]
+        )
+        torch.argmin(scores, dim=-1, out=codes[start : start + rows])
+    return codes
 
 
 def _exact_distances(vectors: Tensor, codebook: Tensor, codes: Tensor) -> Tensor:
     """`||vectors - codebook[codes]||` per row in the search dtype, a chunk of rows at a time."""
     # A no-op for float32 and float64; half inputs (the CUDA kernel's) are upcast a chunk at a time.
     dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
-    parts = [
-        (
-            vectors[s : s + _DISTANCE_ROWS].to(dtype)
-            - codebook[codes[s : s + _DISTANCE_ROWS]].to(dtype)
-        ).norm(dim=-1)
-        for s in range(0, max(vectors.shape[0], 1), _DISTANCE_ROWS)
-    ]
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    vectors, codebook = vectors.detach(), codebook.detach()  # reported, not differentiated
+    distances = torch.empty(vectors.shape[0], dtype=dtype, device=vectors.device)
+    for s in range(0, vectors.shape[0], _DISTANCE_ROWS):
+        rows = slice(s, s + _DISTANCE_ROWS)
+        diff = vectors[rows].to(dtype) - codebook[codes[rows]].to(dtype)
+        torch.linalg.vector_norm(diff, dim=-1, out=distances[rows])
+    return distances
 
 
 @torch.library.custom_op("vqfunc::nearest_codes", mutates_args=())
