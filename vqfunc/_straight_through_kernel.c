@@ -5,18 +5,19 @@
  * Rows z [n, d] with codes [n] into codebook [num_codes, d]; diff_i = z_i - c_{codes_i}, w_i the
  * optional row weights (1 without).
  *
- * Forward, rows [row_begin, row_end): out_i = z_q_i = c_{codes_i}, and
- * *loss = sum_i w_i ||diff_i||^2 (summed in double).
+ * Forward (vq_st_forward_f32): out_i = z_q_i = c_{codes_i}, and the loss sum
+ * sum_i w_i ||diff_i||^2, accumulated in double per slice of rows.
  *
- * Backward, with g, gq the gradients of out and z_q (either may be NULL; rows at a row stride,
- * elements at a column stride, which is 0 for an expanded gradient):
- *   grad_z_i            = g_i + a_z w_i diff_i                  for rows [z_begin, z_end)
- *   grad_cb_{codes_i}  += a_q w_i diff_i + nu g_i + gq_i        for rows [cb_begin, cb_end)
- * in one sweep over the rows (each row is read once for both). Calls on disjoint row ranges of
- * grad_z, each with its own grad_cb buffer, run in parallel without locks; the caller sums the
- * buffers. Each buffer sums its rows in row order.
+ * Backward (vq_st_backward_f32), with g, gq the gradients of out and z_q (either may be NULL;
+ * rows at a row stride, elements at a column stride, which is 0 for an expanded gradient):
+ *   grad_z_i            = g_i + a_z w_i diff_i
+ *   grad_cb_{codes_i}  += a_q w_i diff_i + nu g_i + gq_i
+ * in one sweep over the rows (each row is read once for both). Each thread owns a range of rows
+ * of grad_z and, up to `books` threads, a codebook-gradient buffer of its own, so no locks are
+ * needed; the buffers are summed in order at the end, and each sums its rows in row order.
  *
- * Status: 0 on success, -1 unsupported CPU, -2 out of memory, -3 a code out of range.
+ * Status: 0 on success, -1 unsupported CPU, -2 out of memory, -3 a code out of range, -4
+ * inconsistent thread or buffer counts.
  */
 #include <stdint.h>
 #include <stdlib.h>
