@@ -70,8 +70,10 @@ def _gradient(kind: str, n: int, d: int, seed: int) -> torch.Tensor | None:
     g = torch.Generator().manual_seed(seed)
     if kind == "none":
         return None
-    if kind == "expanded":  # what `out.sum()` sends back: one value, stride 0
-        return torch.full((), 0.7).expand(n, d)
+    if kind == "expanded":  # what `out.sum()` sends back: one value, strides (0, 0)
+        return torch.full((), 0.5 + seed).expand(n, d)
+    if kind == "row-expanded":  # one value per row, strides (1, 0)
+        return torch.randn(n, 1, generator=g).expand(n, d)
     if kind == "transposed":
         return torch.randn(d, n, generator=g).t()
     return torch.randn(n, d, generator=g)
@@ -80,13 +82,17 @@ def _gradient(kind: str, n: int, d: int, seed: int) -> torch.Tensor | None:
 @needs_kernel
 @pytest.mark.parametrize("weights", ["none", "bool", "float"])
 @pytest.mark.parametrize("nu", [0.0, 0.4])
-@pytest.mark.parametrize("grad_out", ["contiguous", "expanded", "transposed", "none"])
+@pytest.mark.parametrize(
+    "grad_out", ["contiguous", "expanded", "row-expanded", "transposed", "none"]
+)
+@pytest.mark.parametrize("grad_z_q", ["contiguous", "expanded", "none"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("n", "d", "k"), [(300, 8, 7), (257, 13, 40), (64, 37, 3)])
 def test_kernel_equals_the_float64_formulas(
     weights: str,
     nu: float,
     grad_out: str,
+    grad_z_q: str,
     threads: int,
     n: int,
     d: int,
@@ -96,7 +102,7 @@ def test_kernel_equals_the_float64_formulas(
     monkeypatch.setattr(_straight_through_cpu, "_MIN_ELEMENTS_PER_THREAD", 1)
     z, codebook, codes, w = _case(n, d, k, n + d + k, weights)
     g_out = _gradient(grad_out, n, d, 1)
-    g_q = _gradient("contiguous", n, d, 2) if grad_out != "transposed" else None
+    g_q = _gradient(grad_z_q, n, d, 2)
     beta, grad_loss = 0.8, 1.7
     with torch.no_grad():  # as in a backward pass
         assert _straight_through_cpu.applies(codes, z, codebook, w, g_out, g_q)

@@ -77,7 +77,11 @@ static const float *gradient_row(const float *g, int64_t rs, int64_t cs, int64_t
                                  float *scratch) {
     const float *row = g + i * rs;
     if (cs == 1) return row;
-    for (int64_t j = 0; j < d; ++j) scratch[j] = row[j * cs];
+    if (cs == 0) {
+        for (int64_t j = 0; j < d; ++j) scratch[j] = row[0];
+    } else {
+        for (int64_t j = 0; j < d; ++j) scratch[j] = row[j * cs];
+    }
     return scratch;
 }
 
@@ -93,6 +97,12 @@ TARGET static int backward_rows(const float *z, const float *codebook, const int
     const int64_t begin = z_begin < cb_begin ? z_begin : cb_begin;
     const int64_t end = z_end > cb_end ? z_end : cb_end;
     const __m256 nuv = _mm256_set1_ps(nu);
+    /* A fully expanded gradient (both strides 0, what `out.sum()` sends back) is one row for
+     * all rows: copied once here. */
+    const int g_fixed = g != NULL && g_rs == 0 && g_cs == 0;
+    const int gq_fixed = gq != NULL && gq_rs == 0 && gq_cs == 0;
+    if (g_fixed) gradient_row(g, 0, 0, 0, d, scratch);
+    if (gq_fixed) gradient_row(gq, 0, 0, 0, d, scratch + d);
     for (int64_t i = begin; i < end; ++i) {
         const int do_z = grad_z != NULL && i >= z_begin && i < z_end;
         const int do_cb = grad_cb != NULL && i >= cb_begin && i < cb_end;
@@ -103,8 +113,10 @@ TARGET static int backward_rows(const float *z, const float *codebook, const int
             break;
         }
         const float *zi = z + i * d, *c = codebook + k * d;
-        const float *gi = g ? gradient_row(g, g_rs, g_cs, i, d, scratch) : NULL;
-        const float *qi = gq && do_cb ? gradient_row(gq, gq_rs, gq_cs, i, d, scratch + d) : NULL;
+        const float *gi = !g ? NULL : g_fixed ? scratch : gradient_row(g, g_rs, g_cs, i, d, scratch);
+        const float *qi = !gq || !do_cb ? NULL
+                          : gq_fixed    ? scratch + d
+                                        : gradient_row(gq, gq_rs, gq_cs, i, d, scratch + d);
         const float w = weights ? weights[i] : 1.0f;
         const __m256 szv = _mm256_set1_ps(a_z * w), sqv = _mm256_set1_ps(a_q * w);
         float *out = do_z ? grad_z + i * d : NULL;
