@@ -144,54 +144,15 @@ TARGET static inline void row_minimum(const float *best, const int32_t *best_gro
     *g = _mm256_cvtsi256_si32(c);
 }
 
-/* Per-lane minima of the scores of the TILE_ROWS rows at xt (row stride d) against the codes
- * of groups [g0, g1) of gp panels, folded into best/best_group (rows past `rows` are ignored). `d` is a compile-time constant at the
- * specialised call sites, which lets the compiler unroll the dimension loop. */
-TARGET static inline __attribute__((always_inline)) void tile(
-    const float *xt, int rows, int64_t d, const float *packed, const float *half_norms,
-    int64_t gp, int64_t g0, int64_t g1, float (*best)[8], int32_t (*best_group)[8]) {
-    for (int64_t g = g0; g < g1; ++g) {
-        __m256 m[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; ++i) m[i] = _mm256_set1_ps(INFINITY);
-        for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
-            const float *pp = packed + p * d * PANEL;
-            const __m256 h0 = _mm256_loadu_ps(half_norms + p * PANEL);
-            const __m256 h1 = _mm256_loadu_ps(half_norms + p * PANEL + 8);
-            /* An opaque copy of the row pointer: keeps the compiler from hoisting one address
-             * per row and dimension out of this loop (and spilling them). */
-            const float *xr = xt;
-            __asm__("" : "+r"(xr));
-            __m256 a[TILE_ROWS][2];
-            const __m256 b00 = _mm256_loadu_ps(pp), b01 = _mm256_loadu_ps(pp + 8);
-            for (int i = 0; i < TILE_ROWS; ++i) {
-                const __m256 x0 = _mm256_broadcast_ss(xr + i * d);
-                a[i][0] = _mm256_fnmadd_ps(x0, b00, h0);
-                a[i][1] = _mm256_fnmadd_ps(x0, b01, h1);
-            }
-#pragma GCC unroll 4
-            for (int64_t j = 1; j < d; ++j) {
-                const __m256 b0 = _mm256_loadu_ps(pp + j * PANEL);
-                const __m256 b1 = _mm256_loadu_ps(pp + j * PANEL + 8);
-                for (int i = 0; i < TILE_ROWS; ++i) {
-                    const __m256 xj = _mm256_broadcast_ss(xr + i * d + j);
-                    a[i][0] = _mm256_fnmadd_ps(xj, b0, a[i][0]);
-                    a[i][1] = _mm256_fnmadd_ps(xj, b1, a[i][1]);
-                }
-            }
-            /* min(score, m) keeps m when a score is NaN. */
-            for (int i = 0; i < TILE_ROWS; ++i)
-                m[i] = _mm256_min_ps(_mm256_min_ps(a[i][0], a[i][1]), m[i]);
-        }
-        for (int i = 0; i < rows; ++i) record_group(m[i], g, best[i], best_group[i]);
-    }
-}
-
-/* Large d: one panel of 16 codes against the TILE_ROWS rows at xt, folded into the rows'
- * running minima m (in memory). The caller sweeps every row tile of a row block over one
- * panel, so the panel (16 d floats) stays in L1 instead of streaming from L2 per tile. */
-TARGET static void panel_tile(const float *xt, int64_t d, const float *pp, const float *hn,
-                              float (*m)[8]) {
+/* The scores of one panel of 16 codes (at pp, half norms at hn) for the TILE_ROWS rows at xt
+ * (row stride d), reduced to each row's per-lane minimum of its two 8-code halves. The same FMA
+ * sequence as rescan_panels, so equal inputs give bit-identical scores. `d` is a compile-time
+ * constant at the specialised call sites, which lets the compiler unroll the dimension loop. */
+TARGET static inline __attribute__((always_inline)) void panel_minima(
+    const float *xt, int64_t d, const float *pp, const float *hn, __m256 minima[TILE_ROWS]) {
     const __m256 h0 = _mm256_loadu_ps(hn), h1 = _mm256_loadu_ps(hn + 8);
+    /* An opaque copy of the row pointer: keeps the compiler from hoisting one address per row
+     * and dimension out of the loop (and spilling them). */
     const float *xr = xt;
     __asm__("" : "+r"(xr));
     __m256 a[TILE_ROWS][2];
@@ -211,9 +172,36 @@ TARGET static void panel_tile(const float *xt, int64_t d, const float *pp, const
             a[i][1] = _mm256_fnmadd_ps(xj, b1, a[i][1]);
         }
     }
+    for (int i = 0; i < TILE_ROWS; ++i) minima[i] = _mm256_min_ps(a[i][0], a[i][1]);
+}
+
+/* Per-lane minima of the scores of the TILE_ROWS rows at xt against the codes of groups
+ * [g0, g1) of gp panels, folded into best/best_group (rows past `rows` are ignored). */
+TARGET static inline __attribute__((always_inline)) void tile(
+    const float *xt, int rows, int64_t d, const float *packed, const float *half_norms,
+    int64_t gp, int64_t g0, int64_t g1, float (*best)[8], int32_t (*best_group)[8]) {
+    for (int64_t g = g0; g < g1; ++g) {
+        __m256 m[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; ++i) m[i] = _mm256_set1_ps(INFINITY);
+        for (int64_t p = g * gp; p < (g + 1) * gp; ++p) {
+            __m256 minima[TILE_ROWS];
+            panel_minima(xt, d, packed + p * d * PANEL, half_norms + p * PANEL, minima);
+            /* min(score, m) keeps m when a score is NaN. */
+            for (int i = 0; i < TILE_ROWS; ++i) m[i] = _mm256_min_ps(minima[i], m[i]);
+        }
+        for (int i = 0; i < rows; ++i) record_group(m[i], g, best[i], best_group[i]);
+    }
+}
+
+/* Large d: one panel of 16 codes against the TILE_ROWS rows at xt, folded into the rows'
+ * running minima m (in memory). The caller sweeps every row tile of a row block over one
+ * panel, so the panel (16 d floats) stays in L1 instead of streaming from L2 per tile. */
+TARGET static void panel_tile(const float *xt, int64_t d, const float *pp, const float *hn,
+                              float (*m)[8]) {
+    __m256 minima[TILE_ROWS];
+    panel_minima(xt, d, pp, hn, minima);
     for (int i = 0; i < TILE_ROWS; ++i)
-        _mm256_storeu_ps(m[i], _mm256_min_ps(_mm256_min_ps(a[i][0], a[i][1]),
-                                             _mm256_loadu_ps(m[i])));
+        _mm256_storeu_ps(m[i], _mm256_min_ps(minima[i], _mm256_loadu_ps(m[i])));
 }
 
 /* Fold one group's per-lane minima m into best / best_group (branch-free: improvements are
