@@ -10,13 +10,12 @@ convenience, e.g. `lambda p: torch.optim.SGD(p, lr=50.0, momentum=0.9)`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from vqfunc.affine import effective_codebook
 from vqfunc.config import VQConfig
 from vqfunc.losses import commitment_loss
 from vqfunc.params import VQParams
+from vqfunc.quantize import code_vectors
 
 
 def codebook_loss(
@@ -38,13 +37,7 @@ def codebook_loss(
     """
     rows = z.detach().reshape(-1, cfg.groups, cfg.code_dim)
     row_codes = codes.reshape(-1, cfg.groups).long()
-    codebook = effective_codebook(params, cfg).to(rows.dtype)
-    if cfg.dist == "cosine":
-        codebook = F.normalize(codebook, dim=-1)
-    if cfg.share:
-        z_q = codebook[row_codes]
-    else:
-        z_q = codebook[torch.arange(cfg.groups, device=codebook.device), row_codes]
+    z_q = code_vectors(params, row_codes, cfg, rows.dtype)
     row_mask = None if mask is None else mask.reshape(-1, 1).expand(row_codes.shape)
     return commitment_loss(rows, z_q, 1.0, mask=row_mask)
 

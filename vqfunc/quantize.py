@@ -214,11 +214,22 @@ def dequantize(params: VQParams, codes: Tensor, cfg: VQConfig) -> Tensor:
             f"{params.codebook.device}"
         )
     code_rows, layout = codes_to_rows(codes.long(), cfg)
+    return from_rows(code_vectors(params, code_rows, cfg), layout)
+
+
+def code_vectors(
+    params: VQParams, code_rows: Tensor, cfg: VQConfig, dtype: torch.dtype | None = None
+) -> Tensor:
+    """The effective codes `[M, G, d]` of row codes `[M, G]` (group-local indices).
+
+    Unit length for `dist="cosine"`, as the search sees them. `dtype`, if given, is the one the
+    codebook is cast to before the codes are normalised and looked up.
+    """
     codebook = effective_codebook(params, cfg)
+    if dtype is not None:
+        codebook = codebook.to(dtype)
     if cfg.dist == "cosine":
         codebook = F.normalize(codebook, dim=-1)
     if cfg.share:
-        vectors = codebook[code_rows]
-    else:
-        vectors = codebook[torch.arange(cfg.groups, device=codebook.device), code_rows]
-    return from_rows(vectors, layout)
+        return codebook[code_rows]
+    return codebook[torch.arange(cfg.groups, device=codebook.device), code_rows]

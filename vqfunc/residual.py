@@ -26,7 +26,7 @@ from vqfunc.layout import Layout, from_rows, normalize_dim, rows_to_batch, to_ro
 from vqfunc.losses import commitment_loss
 from vqfunc.metrics import perplexity
 from vqfunc.params import VQParams, affine_shape, init_params
-from vqfunc.quantize import book_histogram, compute_dtype
+from vqfunc.quantize import book_histogram, code_vectors, compute_dtype
 from vqfunc.search import nearest_codes
 from vqfunc.warmup import WarmupMethod, warmup_params
 
@@ -306,11 +306,7 @@ def residual_dequantize(params: VQParams, codes: Tensor, cfg: ResidualConfig) ->
     batch_shape = tuple(codes.shape[:-1])
     dim = normalize_dim(cfg.dim, len(batch_shape) + 1, where="residual_dequantize", name="cfg.dim")
     code_rows = codes.reshape(-1, cfg.levels).long()
-    codebook = effective_codebook(params, cfg.book_config())
-    if cfg.share:
-        vectors = codebook[code_rows]
-    else:
-        vectors = codebook[torch.arange(cfg.levels, device=codebook.device), code_rows]
+    vectors = code_vectors(params, code_rows, cfg.book_config())
     return from_rows(vectors.sum(1, keepdim=True), Layout(batch_shape, dim))
 
 
