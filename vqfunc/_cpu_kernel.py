@@ -238,8 +238,7 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     if d == 0:
         # Every code is at distance 0: the first one, as the pure-torch path answers.
         return torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.float32)
-    # Empty, not zeros: the kernel writes every entry, and a parallel fill would leave torch's
-    # OpenMP workers spinning on the cores the kernel's threads need.
+    # Empty, not zeros: the kernel writes every entry.
     codes = torch.empty(n, dtype=torch.int64)
     distances = torch.empty(n, dtype=torch.float32)
     if n == 0:

@@ -97,6 +97,7 @@ class _StraightThroughWithLoss(torch.autograd.Function):
         if scale is not None and _straight_through_cpu.applies(
             codes, z, codebook, weights, grad_out, grad_z_q, scale
         ):
+            scale_value = scale.item()  # a CPU scalar: no device sync
             grad_z, grad_codebook = _straight_through_cpu.backward(
                 z,
                 codebook,
@@ -104,8 +105,8 @@ class _StraightThroughWithLoss(torch.autograd.Function):
                 weights,
                 grad_out,
                 grad_z_q,
-                a_z=(1.0 - beta) * scale.item(),
-                a_q=-beta * scale.item(),
+                a_z=(1.0 - beta) * scale_value,
+                a_q=-beta * scale_value,
                 nu=nu if nu > 0 else 0.0,
                 need_z=need_z,
                 need_codebook=need_codebook,

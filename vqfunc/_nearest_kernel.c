@@ -36,8 +36,7 @@
 #endif
 
 /* Packs codebook [k, d] into panels [padded_k / 16][d][16] and half squared norms [padded_k]
- * (+inf for the padding codes). Plain loops: the codebook is small next to the search, and
- * doing this here keeps torch's thread pool idle (and off the cores) right before the kernel. */
+ * (+inf for the padding codes). Plain loops: the codebook is small next to the search. */
 void vq_pack_f32(const float *codebook, int64_t k, int64_t d, int64_t padded_k, float *packed,
                  float *half_norms) {
     for (int64_t c = 0; c < padded_k; ++c) {
