@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vqfunc.config import VQConfig
+from vqfunc._config import VQConfig
 
 
 class BookVectors(NamedTuple):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqfunc.config import VQConfig
-from vqfunc.layout import normalize_dim
-from vqfunc.params import VQParams, affine_shape
+from vqfunc._config import VQConfig
+from vqfunc._layout import normalize_dim
+from vqfunc._params import VQParams, affine_shape
 
 _FLOAT_DTYPES = "float16, bfloat16, float32 or float64"
 

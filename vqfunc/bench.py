@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from vqfunc.config import VQConfig
-from vqfunc.params import VQParams, init_params
-from vqfunc.quantize import quantize
-from vqfunc.search import nearest_codes, uses_cpu_kernel
+from vqfunc._config import VQConfig
+from vqfunc._params import VQParams, init_params
+from vqfunc._quantize import quantize
+from vqfunc._search import nearest_codes, uses_cpu_kernel
 
 FULL_SHAPES: tuple[tuple[int, int, int], ...] = (
     (65536, 8, 512),

@@ -25,9 +25,9 @@ import optree
 import torch
 from torch import Tensor
 
-from vqfunc.config import VQConfig
-from vqfunc.params import VQParams, init_params
-from vqfunc.state import VQState, check_state, init_state
+from vqfunc._config import VQConfig
+from vqfunc._params import VQParams, init_params
+from vqfunc._state import VQState, check_state, init_state
 
 T = TypeVar("T")
 

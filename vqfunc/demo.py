@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqfunc.inits import codebook_warmup
-from vqfunc.metrics import perplexity, usage
-from vqfunc.nn import VectorQuantize
-from vqfunc.warmup import WarmupMethod
+from vqfunc._metrics import perplexity, usage
+from vqfunc._warmup import WarmupMethod
+from vqfunc.nn import VectorQuantize, codebook_warmup
 
 
 @dataclasses.dataclass(frozen=True)

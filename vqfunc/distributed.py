@@ -49,11 +49,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vqfunc import _validate
-from vqfunc import warmup as _warmup
-from vqfunc.config import VQConfig
-from vqfunc.params import VQParams
-from vqfunc.quantize import compute_dtype
-from vqfunc.replace import Candidates
+from vqfunc import _warmup as _warmup
+from vqfunc._config import VQConfig
+from vqfunc._params import VQParams
+from vqfunc._quantize import compute_dtype
+from vqfunc._replace import Candidates
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

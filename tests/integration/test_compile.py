@@ -1,0 +1,127 @@
+"""`torch.compile(fullgraph=True)` of whole training steps: no graph break, no recompile.
+
+Compiling is slow on CPU (tens of seconds per graph with inductor), so the suite compiles two
+functions: a functional training step with inductor, and a model holding the layer shim with
+the `aot_eager` backend (the same graph capture, without code generation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import vqfunc
+from vqfunc._replace import draw_replace_randomness
+from vqfunc._state import init_state, update_state
+
+STEPS = 3
+
+
+@pytest.fixture
+def dynamo_counters() -> Iterator[Any]:
+    """Fresh dynamo counters, and any recompile turned into an error."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+def assert_one_graph(counters: Any) -> None:
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+CFG = vqfunc.VQConfig(feature_size=8, num_codes=16, dim=-1, replace_freq=2, ema_decay=0.9)
+
+
+def functional_step(
+    params: vqfunc.VQParams, state: Any, enc: torch.Tensor, x: torch.Tensor, randomness: Any
+) -> tuple[vqfunc.VQParams, Any, torch.Tensor]:
+    """Encode, quantize, loss, gradient of the encoder, then EMA and dead-code replacement."""
+
+    def loss_fn(enc: torch.Tensor) -> tuple[torch.Tensor, vqfunc.QuantizeOutput]:
+        z = x @ enc
+        z_q, out = vqfunc.quantize(params, z, CFG)
+        return (z_q - z).square().mean() + out.loss, out
+
+    grad, out = torch.func.grad(loss_fn, has_aux=True)(enc)
+    params, state = update_state(params, state, out, CFG, randomness=randomness)
+    return params, state, enc - 0.1 * grad
+
+
+def run_functional(step: Callable[..., Any]) -> list[Any]:
+    g = torch.Generator().manual_seed(0)
+    params = vqfunc.init_params(CFG, generator=g)
+    state = init_state(params, CFG)
+    enc = 0.3 * torch.randn(6, 8, generator=g)
+    history = []
+    for _ in range(STEPS):
+        x = torch.randn(32, 6, generator=g)
+        randomness = draw_replace_randomness(32, CFG, generator=g)
+        params, state, enc = step(params, state, enc, x, randomness)
+        history.append((params, state, enc))
+    return history
+
+
+def test_compiled_functional_training_step(dynamo_counters: Any) -> None:
+    compiled = run_functional(torch.compile(functional_step, fullgraph=True))
+    assert_one_graph(dynamo_counters)
+    eager = run_functional(functional_step)
+    for (p, s, e), (p_ref, s_ref, e_ref) in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(p.codebook, p_ref.codebook, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.ema_counts, s_ref.ema_counts, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.ema_sums, s_ref.ema_sums, rtol=1e-5, atol=1e-5)
+        assert torch.equal(s.replace_counters, s_ref.replace_counters)
+        torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5)
+    # The steps did move the state (so that the comparison above means something).
+    counters = [s.replace_counters for _, s, _ in eager]
+    assert not all(torch.equal(counters[0], c) for c in counters[1:])
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 8)
+        self.vq = vqfunc.VectorQuantize(
+            8, 16, dim=-1, replace_freq=2, ema_decay=0.9, kmeans_init=True
+        )
+        self.dec = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z_q, misc = self.vq(self.enc(x))
+        return (self.dec(z_q) - x).square().mean() + misc["loss"]
+
+
+def train_net(compile_model: bool) -> nn.Module:
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.05)
+    net(torch.randn(32, 6))  # the k-means warm-up runs eagerly, once
+    model = torch.compile(net, fullgraph=True, backend="aot_eager") if compile_model else net
+    for _ in range(STEPS):
+        loss = model(torch.randn(32, 6))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net
+
+
+def test_compiled_model_with_the_layer_shim(dynamo_counters: Any) -> None:
+    compiled = train_net(compile_model=True)
+    assert_one_graph(dynamo_counters)
+    eager = train_net(compile_model=False)
+    state, ref = compiled.state_dict(), eager.state_dict()
+    assert state.keys() == ref.keys()
+    for key in ref:
+        if ref[key].is_floating_point():
+            torch.testing.assert_close(state[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(state[key], ref[key]), key
+    # The compiled steps did update the layer's buffers in place.
+    fresh = Net().vq.state_dict()
+    assert not torch.equal(compiled.vq.ema_counts, fresh["ema_counts"])

@@ -1,0 +1,292 @@
+"""Nearest-code search: both implementations against float64 brute force and each other."""
+
+from __future__ import annotations
+
+import multiprocessing
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.reference import assert_nearest, brute_force
+
+from vqfunc._kernels import cpu as _cpu_kernel
+from vqfunc._search import nearest_codes, torch_nearest_codes, uses_cpu_kernel
+from vqfunc.bench import PeakMemory
+
+needs_kernel = pytest.mark.skipif(
+    not _cpu_kernel.available(), reason="the compiled CPU kernel does not build here"
+)
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
+    n = draw(st.integers(1, 40))
+    d = draw(st.sampled_from([1, 3, 4, 7, 8, 16, 32, 33, 64, 70]))
+    k = draw(st.integers(1, 150))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+
+
+@given(problems())
+@settings(max_examples=40, deadline=None)
+def test_codes_are_nearest_and_distances_exact(problem: tuple[torch.Tensor, torch.Tensor]) -> None:
+    vectors, codebook = problem
+    codes, distances = nearest_codes(vectors, codebook)
+    assert codes.dtype == torch.int64 and codes.shape == (vectors.shape[0],)
+    assert_nearest(vectors, codebook, codes)
+    expected = brute_force(vectors, codebook).gather(1, codes.view(-1, 1)).squeeze(1).sqrt()
+    torch.testing.assert_close(distances.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@given(problems())
+@settings(max_examples=40, deadline=None)
+def test_kernel_matches_torch_path(problem: tuple[torch.Tensor, torch.Tensor]) -> None:
+    vectors, codebook = problem
+    assert uses_cpu_kernel(vectors, codebook)
+    kernel, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    reference = torch_nearest_codes(vectors, codebook)
+    # Both are exact up to float32 rounding: they may differ only on near-ties.
+    sq = brute_force(vectors, codebook)
+    differ = kernel != reference
+    gap = (sq.gather(1, kernel.view(-1, 1)) - sq.gather(1, reference.view(-1, 1))).abs()
+    assert torch.all(gap.squeeze(1)[differ] <= 1e-4)
+    assert differ.float().mean() <= 0.05
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n", "d", "k"), [(1000, 8, 1000), (517, 64, 4100), (130, 256, 300)])
+def test_kernel_on_larger_shapes_and_threads(n: int, d: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n + d + k)
+    vectors, codebook = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_cpu_kernel.nearest_codes_f32(vectors, codebook)[0])
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0], results[1])
+    assert_nearest(vectors, codebook, results[0])
+    assert (results[0] == brute_force(vectors, codebook).argmin(1)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_ties_pick_the_first_code(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if kernel and not _cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel does not build here")
+    if not kernel:
+        monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(70, 8, generator=g)
+    # Code j + 70 repeats code j, and the vectors sit exactly on the repeated codes.
+    picks = torch.randperm(70, generator=g)[:33]
+    codes, distances = nearest_codes(base[picks], torch.cat([base, base]))
+    assert torch.equal(codes, picks)
+    assert torch.all(distances == 0)
+
+
+def test_torch_fallback_gives_the_same_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    vectors, codebook = torch.randn(300, 16, generator=g), torch.randn(200, 16, generator=g)
+    first, _ = nearest_codes(vectors, codebook)
+    monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
+    assert not uses_cpu_kernel(vectors, codebook)
+    second, _ = nearest_codes(vectors, codebook)
+    assert torch.equal(first, second)
+
+
+def test_failed_build_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/compiler")
+    monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpu_kernel.shutil, "which", lambda name: None)
+    _cpu_kernel._library.cache_clear()
+    try:
+        assert not _cpu_kernel.available()
+        g = torch.Generator().manual_seed(2)
+        vectors, codebook = torch.randn(50, 8, generator=g), torch.randn(40, 8, generator=g)
+        codes, _ = nearest_codes(vectors, codebook)
+        assert_nearest(vectors, codebook, codes)
+    finally:
+        _cpu_kernel._library.cache_clear()
+
+
+@needs_kernel
+def test_compiler_without_openmp_builds_single_threaded_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    # A flag the compiler rejects stands for a compiler without OpenMP.
+    monkeypatch.setattr(_cpu_kernel, "_OPENMP_FLAGS", ("-fno-such-openmp-flag",))
+    monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
+    _cpu_kernel._library.cache_clear()
+    try:
+        assert _cpu_kernel.available()
+        g = torch.Generator().manual_seed(3)
+        vectors, codebook = torch.randn(600, 16, generator=g), torch.randn(90, 16, generator=g)
+        codes, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+        assert_nearest(vectors, codebook, codes)
+    finally:
+        _cpu_kernel._library.cache_clear()
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VQFUNC_CPU_KERNEL", "0")
+    _cpu_kernel._library.cache_clear()
+    try:
+        assert not _cpu_kernel.available()
+    finally:
+        _cpu_kernel._library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    vectors = torch.randn(64, 8, generator=g).to(dtype)
+    codebook = torch.randn(100, 8, generator=g).to(dtype)
+    codes, distances = nearest_codes(vectors, codebook)
+    assert distances.dtype == torch.promote_types(dtype, torch.float32)
+    assert_nearest(vectors, codebook, codes)
+
+
+def test_empty_batch_and_single_code() -> None:
+    codes, distances = nearest_codes(torch.zeros(0, 5), torch.randn(3, 5))
+    assert codes.shape == (0,) and distances.shape == (0,)
+    codes, _ = nearest_codes(torch.randn(9, 5), torch.randn(1, 5))
+    assert torch.equal(codes, torch.zeros(9, dtype=torch.int64))
+
+
+def test_non_finite_rows_still_give_valid_codes() -> None:
+    vectors = torch.randn(10, 8)
+    vectors[3] = float("nan")
+    codebook = torch.randn(20, 8)
+    codes, _ = nearest_codes(vectors, codebook)
+    assert codes.min() >= 0 and codes.max() < 20
+    finite = torch.arange(10) != 3
+    assert_nearest(vectors[finite], codebook, codes[finite])
+
+
+def test_vmap_shared_and_stacked_codebooks_equal_a_loop() -> None:
+    g = torch.Generator().manual_seed(4)
+    vectors = torch.randn(3, 50, 8, generator=g)
+    books = torch.randn(3, 70, 8, generator=g)
+    shared = torch.func.vmap(nearest_codes, in_dims=(0, None))(vectors, books[0])
+    stacked = torch.func.vmap(nearest_codes, in_dims=(0, 0))(vectors, books)
+    one_input = torch.func.vmap(nearest_codes, in_dims=(None, 0))(vectors[0], books)
+    # The batch axis in the middle, as quantize's groups are.
+    middle = torch.func.vmap(nearest_codes, in_dims=(1, None))(vectors.transpose(0, 1), books[0])
+    for i in range(3):
+        assert torch.equal(shared[0][i], nearest_codes(vectors[i], books[0])[0])
+        assert torch.equal(stacked[0][i], nearest_codes(vectors[i], books[i])[0])
+        assert torch.equal(one_input[0][i], nearest_codes(vectors[0], books[i])[0])
+        assert torch.equal(middle[0][i], shared[0][i])
+        torch.testing.assert_close(stacked[1][i], nearest_codes(vectors[i], books[i])[1])
+
+
+def test_nested_vmap() -> None:
+    g = torch.Generator().manual_seed(5)
+    vectors = torch.randn(2, 3, 20, 4, generator=g)
+    books = torch.randn(2, 30, 4, generator=g)
+    inner = torch.func.vmap(nearest_codes, in_dims=(0, None))
+    codes, _ = torch.func.vmap(inner, in_dims=(0, 0))(vectors, books)
+    for a in range(2):
+        for b in range(3):
+            assert torch.equal(codes[a, b], nearest_codes(vectors[a, b], books[a])[0])
+
+
+def test_compile_fullgraph_without_recompiles() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(nearest_codes, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(6)
+    codebook = torch.randn(40, 8, generator=g)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            vectors = torch.randn(25, 8, generator=g)
+            codes, _ = compiled(vectors, codebook)
+            assert torch.equal(codes, nearest_codes(vectors, codebook)[0])
+
+
+@needs_kernel
+def test_codebook_packing_layout() -> None:
+    codebook = torch.randn(70, 5, generator=torch.Generator().manual_seed(7))
+    panels, half_norms = _cpu_kernel.pack_codebook(codebook)
+    padded = torch.zeros(128, 5)
+    padded[:70] = codebook
+    # panels[p, j, l] is dimension j of code 16 p + l.
+    assert torch.equal(panels, padded.view(8, 16, 5).transpose(1, 2))
+    torch.testing.assert_close(half_norms[:70], 0.5 * codebook.square().sum(-1))
+    assert torch.isinf(half_norms[70:]).all()
+
+
+@needs_kernel
+def test_kernel_rejects_what_it_cannot_read_safely() -> None:
+    # A codebook narrower than the vectors would make the kernel read past its end.
+    with pytest.raises(ValueError, match="codebook"):
+        _cpu_kernel.nearest_codes_f32(torch.randn(10, 8), torch.randn(100, 4))
+    with pytest.raises(ValueError, match="vectors"):
+        _cpu_kernel.nearest_codes_f32(torch.randn(10, 8).double(), torch.randn(100, 8))
+    with pytest.raises(ValueError, match="codebook"):
+        _cpu_kernel.nearest_codes_f32(torch.randn(10, 8), torch.randn(0, 8))
+    with pytest.raises(ValueError, match="codebook"):
+        nearest_codes(torch.randn(10, 8), torch.randn(100, 4))
+
+
+def test_zero_dimensional_codes_pick_the_first() -> None:
+    codes, distances = nearest_codes(torch.randn(3, 0), torch.randn(4, 0))
+    assert torch.equal(codes, torch.zeros(3, dtype=torch.int64))
+    assert torch.equal(distances, torch.zeros(3))
+
+
+def test_kernel_failure_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = SimpleNamespace(vq_pack_f32=lambda *args: None, vq_nearest_f32=lambda *args: -2)
+    monkeypatch.setattr(_cpu_kernel, "_library", lambda: fake)
+    with pytest.raises(RuntimeError, match="status -2"):
+        _cpu_kernel.nearest_codes_f32(torch.randn(480, 4), torch.randn(10, 4))
+
+
+def _search_in_child(vectors: torch.Tensor, codebook: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.set_num_threads(2)
+    codes, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    raise SystemExit(0 if torch.equal(codes, expected) else 3)
+
+
+@needs_kernel
+def test_forked_child_searches_without_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parent's OpenMP pool (started here) has no threads in a forked child; a parallel
+    # region there would wait for them forever, so the child searches on one thread.
+    monkeypatch.setattr(_cpu_kernel, "_MIN_WORK_PER_THREAD", 1)
+    g = torch.Generator().manual_seed(8)
+    vectors, codebook = torch.randn(2000, 8, generator=g), torch.randn(300, 8, generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
+    finally:
+        torch.set_num_threads(previous)
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_search_in_child, args=(vectors, codebook, expected))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+
+
+def test_torch_path_memory_stays_at_a_chunk() -> None:
+    # The full N x K score matrix would be 128 MiB; one chunk's block is 1 MiB. Small results
+    # allocated between freed blocks used to fragment the heap and let the peak grow with N.
+    meter = PeakMemory(torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    vectors, codebook = torch.randn(65536, 8, generator=g), torch.randn(512, 8, generator=g)
+    torch_nearest_codes(vectors, codebook)
+    codes, peak = meter.measure(lambda: torch_nearest_codes(vectors, codebook))
+    if peak is None:
+        pytest.skip("peak resident memory is not measurable on this platform")
+    assert peak < 24 * 2**20
+    assert_nearest(vectors, codebook, codes)

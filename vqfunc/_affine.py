@@ -1,0 +1,44 @@
+"""Affine re-parameterisation of the codebook (Huh et al., 2023).
+
+Effective codes are `c'_k = s * c_k + b` with `s = 1 + affine_lr * s_p` and
+`b = affine_lr * b_p`; the raw `s_p, b_p` start at 0, so a fresh layer is unchanged. With
+`affine_groups = A`, the codes of a codebook form `A` consecutive blocks, each with its own
+scale and bias.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from vqfunc._config import VQConfig
+from vqfunc._params import VQParams
+
+
+def effective_codebook(params: VQParams, cfg: VQConfig) -> Tensor:
+    """The codebook the search sees: `params.codebook` with the affine map applied.
+
+    Returns:
+        A tensor shaped like `params.codebook` (`[K, d]`, or `[G, K, d]` when not shared).
+    """
+    if cfg.affine_lr == 0:
+        return params.codebook
+    scale, bias = affine_scale_bias(params, cfg)
+    codebook = params.codebook
+    blocks = codebook.unflatten(-2, (cfg.affine_groups, -1))  # [..., A, K / A, d]
+    mapped = blocks * scale.unsqueeze(-2) + bias.unsqueeze(-2)
+    return mapped.flatten(-3, -2)
+
+
+def affine_scale_bias(params: VQParams, cfg: VQConfig) -> tuple[Tensor, Tensor]:
+    """The effective scale `s` and bias `b`, each `[A, d]` (`[G, A, d]` when not shared)."""
+    return 1.0 + cfg.affine_lr * params.affine_scale, cfg.affine_lr * params.affine_bias
+
+
+def invert_affine(effective: Tensor, params: VQParams, cfg: VQConfig) -> Tensor:
+    """Raw codes whose affine image is `effective` (used to warm an affine codebook)."""
+    if cfg.affine_lr == 0:
+        return effective
+    scale, bias = affine_scale_bias(params, cfg)
+    blocks = effective.unflatten(-2, (cfg.affine_groups, -1))
+    raw = (blocks - bias.unsqueeze(-2)) / scale.unsqueeze(-2)
+    return raw.flatten(-3, -2)

@@ -1,0 +1,51 @@
+/* What the compiled CPU kernels of vqfunc share: status codes, the CPU check, the target
+ * attribute of the vector code and small helpers. Plain C (no torch headers, no Python API);
+ * vqfunc/_kernels/cpu.py builds nearest.c and straight_through.c with this header into one
+ * library and maps the status codes below to Python errors.
+ */
+#ifndef VQFUNC_KERNELS_H
+#define VQFUNC_KERNELS_H
+
+#include <stdint.h>
+
+/* Status codes of every entry point; vqfunc/_kernels/cpu.py keeps the same table. */
+#define VQ_OK 0
+#define VQ_UNSUPPORTED (-1)   /* not x86-64 with AVX2 and FMA, or bad sizes */
+#define VQ_NO_MEMORY (-2)     /* a scratch allocation failed */
+#define VQ_BAD_CODE (-3)      /* a code outside [0, num_codes) */
+#define VQ_BAD_THREADS (-4)   /* inconsistent thread or buffer counts */
+
+/* Codes per panel of the packed codebook (see nearest.c); cpu.py packs with the same value. */
+#define PANEL 16
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#define VQ_X86 1
+#define TARGET __attribute__((target("avx2,fma")))
+
+/* Whether this CPU runs the AVX2 + FMA code. */
+static inline int vq_cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* Sum of the 8 lanes of v. */
+TARGET static inline float vq_lane_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#endif
+
+/* Records a thread's failure in the shared status of a parallel loop. */
+#define VQ_RECORD_FAILURE(status, result)                                                  \
+    do {                                                                                   \
+        if ((result) != VQ_OK) {                                                           \
+            _Pragma("omp atomic write") status = (result);                                 \
+        }                                                                                  \
+    } while (0)
+
+#endif

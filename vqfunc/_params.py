@@ -1,0 +1,68 @@
+"""`VQParams`: the learned tensors of a quantizer, and `init_params`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from vqfunc._config import VQConfig
+
+
+class VQParams(NamedTuple):
+    """Learned tensors of a quantizer (a pytree for `torch.func` and `optree`).
+
+    Attributes:
+        codebook: `[K, d]` codes when shared, `[G, K, d]` with one codebook per group.
+        affine_scale: raw affine scale `s_p`, `[A, d]` (`[G, A, d]` with separate codebooks),
+            where `A = cfg.affine_groups`; `[0, d]` (`[G, 0, d]`) when `cfg.affine_lr == 0`.
+        affine_bias: raw affine bias `b_p`, shaped like `affine_scale`.
+    """
+
+    codebook: Tensor
+    affine_scale: Tensor
+    affine_bias: Tensor
+
+
+def affine_shape(cfg: VQConfig) -> tuple[int, ...]:
+    """Shape of each raw affine parameter for `cfg` (empty when affine is off)."""
+    rows = cfg.affine_groups if cfg.affine_lr > 0 else 0
+    if cfg.share:
+        return (rows, cfg.code_dim)
+    return (cfg.groups, rows, cfg.code_dim)
+
+
+def init_params(
+    cfg: VQConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> VQParams:
+    """Fresh parameters: a standard-normal codebook and zero raw affine parameters.
+
+    Args:
+        cfg: the quantizer's configuration.
+        generator: source of randomness; the same seed gives the same codebook.
+        device: where to create the tensors (default: the generator's device, else the
+            default device); the values are drawn on the generator's device, so they do not
+            depend on `device`.
+        dtype: floating dtype of the tensors (default: `torch.get_default_dtype()`).
+
+    Returns:
+        `VQParams` with `codebook` of shape `cfg.codebook_shape`.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    if not dtype.is_floating_point:
+        raise TypeError(f"init_params: dtype must be a floating dtype, got {dtype}")
+    if device is None and generator is not None:
+        device = generator.device
+    # Sample where the generator lives, then move: a CPU generator also seeds a CUDA codebook,
+    # with the same values on every device.
+    sample_device = generator.device if generator is not None else device
+    codebook = torch.randn(
+        cfg.codebook_shape, generator=generator, device=sample_device, dtype=dtype
+    ).to(device)
+    zeros = torch.zeros(affine_shape(cfg), device=codebook.device, dtype=dtype)
+    return VQParams(codebook=codebook, affine_scale=zeros, affine_bias=zeros.clone())

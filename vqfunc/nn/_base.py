@@ -1,0 +1,165 @@
+"""Plumbing shared by the `nn.Module` shims (`VectorQuantize`, `ResidualVectorQuantize`).
+
+A shim holds the params as `nn.Parameter`s named like the fields of `VQParams` and its
+training state as persistent buffers named by `_STATE_NAMES`; it mutates them only in training
+mode and only while they are its own tensors (not those `torch.func.functional_call` swapped in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from vqfunc._params import VQParams
+from vqfunc.distributed import sync_for
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+_PARAM_NAMES = VQParams._fields
+
+
+class QuantizerShim(nn.Module):
+    """Base of the layer shims: params view, own-tensor tracking, k-means flag mirror."""
+
+    _STATE_NAMES: tuple[str, ...] = ()
+
+    codebook: nn.Parameter
+    affine_scale: nn.Parameter
+    affine_bias: nn.Parameter
+    kmeans_initialized: Tensor
+    process_group: ProcessGroup | None
+
+    def _register_tensors(
+        self, params: VQParams, state: NamedTuple, *, frozen_codebook: bool = False
+    ) -> None:
+        """Register `params` as parameters, `state`'s fields and the k-means flag as buffers."""
+        for name, value in params._asdict().items():
+            # Empty affine parameters (affine off) take no gradient: DistributedDataParallel
+            # would otherwise wait for their gradients and fail.
+            trainable = value.numel() > 0 and not (frozen_codebook and name == "codebook")
+            self.register_parameter(name, nn.Parameter(value, requires_grad=trainable))
+        for name, value in state._asdict().items():
+            self.register_buffer(name, value)
+        self.register_buffer(
+            "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
+        )
+        self.vq_enabled = True  # switched off by `vqfunc.no_vq`
+        self._kmeans_done: bool | None = None  # Python mirror of the buffer: no device reads
+        self._remember_own_tensors()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    @property
+    def params(self) -> VQParams:
+        """The layer's parameters as a `VQParams` (the layer's own tensors, not copies)."""
+        return VQParams(self.codebook, self.affine_scale, self.affine_bias)
+
+    @torch.no_grad()
+    def _copy_params(self, params: VQParams) -> None:
+        """Copy `params` into the layer's parameters, after checking every shape."""
+        where = f"{type(self).__name__}.load_params"
+        if not isinstance(params, VQParams):
+            raise TypeError(
+                f"{where}: params must be a VQParams (e.g. from vqfunc.init_params(layer.cfg) "
+                f"or warmup_params), got {type(params).__name__}"
+            )
+        own = self.params._asdict()
+        for name, value in params._asdict().items():
+            if value.shape != own[name].shape:
+                raise ValueError(
+                    f"{where}: params.{name} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(own[name].shape)}"
+                )
+        for name, value in params._asdict().items():
+            own[name].copy_(value)
+
+    @torch.no_grad()
+    def _write(self, params: VQParams | None, state: NamedTuple) -> None:
+        if params is not None:
+            self.codebook.copy_(params.codebook)
+        for name in self._STATE_NAMES:
+            getattr(self, name).copy_(getattr(state, name))
+
+    def _quantize_and_update(
+        self,
+        quantize_fn: Callable[..., tuple[Tensor, Any]],
+        update_fn: Callable[..., tuple[VQParams, Any]],
+        x: Tensor,
+        mask: Tensor | None,
+        *,
+        updates: bool,
+    ) -> tuple[Tensor, Any]:
+        """`quantize_fn(params, x, cfg, mask=)`, then, if `updates`, the state update
+        `update_fn(params, state, out, cfg, mask=, sync=)` written into the layer."""
+        params = self.params
+        if updates:
+            # The update below writes the codebook in place; the graph of this forward pass
+            # must keep the values it was computed with.
+            params = params._replace(codebook=params.codebook.clone())
+        z_q, out = quantize_fn(params, x, self.cfg, mask=mask)
+        if updates:
+            sync = sync_for(self.process_group)
+            new_params, new_state = update_fn(
+                self.params, self.state, out, self.cfg, mask=mask, sync=sync
+            )
+            self._write(new_params, new_state)
+        return z_q, out
+
+    def _kmeans_initialized(self) -> bool:
+        # A Python mirror of the buffer, so that training steps do not read the device.
+        if self._kmeans_done is None:
+            self._kmeans_done = bool(self.kmeans_initialized)
+        return self._kmeans_done
+
+    def _mark_kmeans_done(self) -> None:
+        self.kmeans_initialized.fill_(True)
+        self._kmeans_done = True
+
+    def _remember_own_tensors(self) -> None:
+        # Plain attribute (not a submodule or buffer): the tensors registered right now.
+        self.__dict__["_own_tensors"] = self._bound_tensors()
+
+    def _bound_tensors(self) -> tuple[Tensor | None, ...]:
+        params = tuple(self._parameters.get(name) for name in _PARAM_NAMES)
+        names = (*self._STATE_NAMES, "kmeans_initialized")
+        return params + tuple(self._buffers.get(name) for name in names)
+
+    def _holds_own_tensors(self) -> bool:
+        """False while `functional_call` has swapped in other tensors (the pass stays pure)."""
+        own = self.__dict__.get("_own_tensors", ())
+        bound = self._bound_tensors()
+        return len(own) == len(bound) and all(a is b for a, b in zip(own, bound, strict=True))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizerShim:
+        # `.to()`, `.cuda()`, `.double()` may put new tensors in place of the registered ones.
+        result = super()._apply(fn, recurse)
+        self._remember_own_tensors()
+        return result
+
+
+def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    # `load_state_dict(assign=True)` may bind new tensors, and the k-means flag may change.
+    assert isinstance(module, QuantizerShim)
+    module._kmeans_done = None
+    module._remember_own_tensors()
+
+
+def describe(cfg: Any, leading: tuple[str, ...], optional: tuple[str, ...]) -> str:
+    """`extra_repr` text: the `leading` fields of `cfg`, then the `optional` ones that are set.
+
+    Strings are quoted; booleans among `optional` appear only when True, as `name=True`.
+    """
+    parts = [f"{name}={getattr(cfg, name)!r}" for name in leading]
+    parts += [f"{name}={getattr(cfg, name)!r}" for name in optional if getattr(cfg, name)]
+    return ", ".join(parts)
+
+
+def misc_with_aliases(out: NamedTuple, **aliases: str) -> dict[str, Any]:
+    """vqtorch's `misc` dictionary: `out`'s fields, plus each alias naming one of them."""
+    misc: dict[str, Any] = out._asdict()
+    for alias, field in aliases.items():
+        misc[alias] = misc[field]
+    return misc

@@ -1,0 +1,1 @@
+from vqfunc.residual._quantize import ResidualConfig as ResidualConfig
