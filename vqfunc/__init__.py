@@ -1,9 +1,24 @@
-"""vqfunc: vector quantization for PyTorch with a functional, JAX-style core."""
+"""vqfunc: vector quantization for PyTorch with a functional, JAX-style core.
+
+The pure core is this namespace: a frozen configuration (`VQConfig`), named tuples of tensors
+for the params and the training state, and functions that return new values (`quantize`,
+`dequantize`, `commitment_loss`, `warmup_params`, `init_state`, `update_state`, ...).
+Residual VQ has the same shape in `vqfunc.residual`. The `nn.Module` layers live in
+`vqfunc.nn` (and are re-exported here); `vqfunc.distributed` holds the collectives that keep
+replicas' codebooks identical, `vqfunc.checkpoint` flat checkpoints shared by both forms.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
 
 from vqfunc import checkpoint as checkpoint
 from vqfunc import distributed as distributed
+from vqfunc import nn as nn
+from vqfunc import residual as residual
+from vqfunc._affine import effective_codebook as effective_codebook
 from vqfunc._alternating import alternating_step as alternating_step
 from vqfunc._alternating import codebook_loss as codebook_loss
+from vqfunc._config import CodebookLayout as CodebookLayout
+from vqfunc._config import QuantizerConfig as QuantizerConfig
 from vqfunc._config import VQConfig as VQConfig
 from vqfunc._ema import EMAState as EMAState
 from vqfunc._ema import EMAStatistics as EMAStatistics
@@ -30,21 +45,59 @@ from vqfunc._state import VQState as VQState
 from vqfunc._state import init_state as init_state
 from vqfunc._state import update_state as update_state
 from vqfunc._warmup import warmup_params as warmup_params
+from vqfunc.nn import GroupVectorQuant as GroupVectorQuant
+from vqfunc.nn import ResidualVectorQuant as ResidualVectorQuant
 from vqfunc.nn import ResidualVectorQuantize as ResidualVectorQuantize
+from vqfunc.nn import VectorQuant as VectorQuant
 from vqfunc.nn import VectorQuantize as VectorQuantize
 from vqfunc.nn import codebook_warmup as codebook_warmup
-from vqfunc.nn._aliases import GroupVectorQuant as GroupVectorQuant
-from vqfunc.nn._aliases import ResidualVectorQuant as ResidualVectorQuant
-from vqfunc.nn._aliases import VectorQuant as VectorQuant
-from vqfunc.nn._no_vq import no_vq as no_vq
-from vqfunc.residual._quantize import ResidualConfig as ResidualConfig
-from vqfunc.residual._quantize import ResidualOutput as ResidualOutput
-from vqfunc.residual._quantize import init_residual_params as init_residual_params
-from vqfunc.residual._quantize import residual_dequantize as residual_dequantize
-from vqfunc.residual._quantize import residual_quantize as residual_quantize
-from vqfunc.residual._quantize import residual_warmup_params as residual_warmup_params
-from vqfunc.residual._state import ResidualState as ResidualState
-from vqfunc.residual._state import init_residual_state as init_residual_state
-from vqfunc.residual._state import residual_update_state as residual_update_state
+from vqfunc.nn import no_vq as no_vq
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("vqfunc")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Candidates",
+    "CodebookLayout",
+    "EMAState",
+    "EMAStatistics",
+    "GroupVectorQuant",
+    "QuantizeOutput",
+    "QuantizerConfig",
+    "ReplaceRandomness",
+    "ReplaceState",
+    "ResidualVectorQuant",
+    "ResidualVectorQuantize",
+    "VQConfig",
+    "VQParams",
+    "VQState",
+    "VectorQuant",
+    "VectorQuantize",
+    "alternating_step",
+    "checkpoint",
+    "code_histogram",
+    "codebook_loss",
+    "codebook_warmup",
+    "commitment_loss",
+    "dequantize",
+    "distributed",
+    "draw_replace_randomness",
+    "effective_codebook",
+    "ema_statistics",
+    "ema_update",
+    "init_ema_state",
+    "init_params",
+    "init_replace_state",
+    "init_state",
+    "nn",
+    "perplexity",
+    "quantize",
+    "replace_dead_codes",
+    "residual",
+    "sample_candidates",
+    "update_state",
+    "usage",
+    "warmup_params",
+]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig
 
 
 class BookVectors(NamedTuple):
@@ -29,33 +29,35 @@ class BookVectors(NamedTuple):
     weights: Tensor
 
 
-def rows_per_book(num_rows: int, cfg: VQConfig) -> int:
+def rows_per_book(num_rows: int, cfg: QuantizerConfig) -> int:
     """Number `N` of vectors each codebook sees in a batch of `num_rows` input vectors."""
-    return num_rows * cfg.groups if cfg.share else num_rows
+    return num_rows * cfg.layout.parts if cfg.share else num_rows
 
 
 def book_vectors(
-    z: Tensor, codes: Tensor, cfg: VQConfig, mask: Tensor | None = None
+    z: Tensor, codes: Tensor, cfg: QuantizerConfig, mask: Tensor | None = None
 ) -> BookVectors:
     """`QuantizeOutput.z` `[*B, F]` and `.codes` `[*B(, G)]` (and a `[*B]` mask) per codebook."""
-    rows = z.reshape(-1, cfg.groups, cfg.code_dim)
-    row_codes = codes.reshape(-1, cfg.groups).long()
+    rows = z.reshape(-1, cfg.layout.parts, cfg.layout.code_dim)
+    row_codes = codes.reshape(-1, cfg.layout.parts).long()
     if mask is None:
         weights = torch.ones(row_codes.shape, device=z.device, dtype=z.dtype)
     else:
         weights = mask.reshape(-1, 1).to(z.dtype).expand(row_codes.shape)
     if cfg.share:
         return BookVectors(
-            rows.reshape(1, -1, cfg.code_dim), row_codes.reshape(1, -1), weights.reshape(1, -1)
+            rows.reshape(1, -1, cfg.layout.code_dim),
+            row_codes.reshape(1, -1),
+            weights.reshape(1, -1),
         )
     return BookVectors(rows.transpose(0, 1), row_codes.t(), weights.t())
 
 
-def as_books(codebook: Tensor, cfg: VQConfig) -> Tensor:
+def as_books(codebook: Tensor, cfg: QuantizerConfig) -> Tensor:
     """A codebook `[K, d]` or `[G, K, d]` as `[num_books, K, d]`."""
-    return codebook.reshape(cfg.num_books, cfg.codes_per_book, cfg.code_dim)
+    return codebook.reshape(cfg.layout.num_books, cfg.layout.codes_per_book, cfg.layout.code_dim)
 
 
-def from_books(books: Tensor, cfg: VQConfig) -> Tensor:
-    """`[num_books, K, d]` back to `cfg.codebook_shape`."""
-    return books.reshape(cfg.codebook_shape)
+def from_books(books: Tensor, cfg: QuantizerConfig) -> Tensor:
+    """`[num_books, K, d]` back to `cfg.layout.codebook_shape`."""
+    return books.reshape(cfg.layout.codebook_shape)

@@ -43,8 +43,8 @@ class EMAState(NamedTuple):
     Attributes:
         counts: `[num_books, K]` running cluster sizes `N_k`.
         sums: `[num_books, K, d]` running sums `m_k` of the vectors assigned to each code.
-        Both are empty along `K` (`[num_books, 0]`, `[num_books, 0, d]`) when
-        `cfg.ema_decay == 0`.
+            Both are empty along `K` (`[num_books, 0]`, `[num_books, 0, d]`) when
+            `cfg.ema_decay == 0`.
     """
 
     counts: Tensor
@@ -64,7 +64,7 @@ def init_ema_state(params: VQParams, cfg: VQConfig) -> EMAState:
     Use it again after overwriting the codebook (e.g. after a warm-up), so that the averages
     start from the new codes. Stored in at least float32.
     """
-    books, k, d = cfg.num_books, cfg.codes_per_book, cfg.code_dim
+    books, k, d = cfg.layout.num_books, cfg.layout.codes_per_book, cfg.layout.code_dim
     dtype = search_dtype(params.codebook.dtype)
     device = params.codebook.device
     if cfg.ema_decay <= 0:
@@ -94,7 +94,7 @@ def ema_statistics(
     z = z.to(search_dtype(z.dtype))
     books = book_vectors(z, codes, cfg, mask)
     num_books, _, d = books.vectors.shape
-    k = cfg.codes_per_book
+    k = cfg.layout.codes_per_book
     counts = books.weights.new_zeros(num_books, k).scatter_add(1, books.codes, books.weights)
     weighted = books.vectors * books.weights.unsqueeze(-1)
     index = books.codes.unsqueeze(-1).expand(weighted.shape)
@@ -127,7 +127,7 @@ def ema_update(
         raise ValueError(
             f"ema_update: cfg.ema_decay is {cfg.ema_decay}; expected a decay in (0, 1) (EMA is off)"
         )
-    expected = (cfg.num_books, cfg.codes_per_book)
+    expected = (cfg.layout.num_books, cfg.layout.codes_per_book)
     if tuple(state.counts.shape) != expected or tuple(stats.counts.shape) != expected:
         raise ValueError(
             f"ema_update: state.counts has shape {tuple(state.counts.shape)} and stats.counts "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig
 
 _EPS = 1e-12
 
@@ -62,7 +62,7 @@ def synchronized(z_st: Tensor, z_q: Tensor, nu: float) -> Tensor:
     return z_st + _zero_with_gradient_of(nu * z_q)
 
 
-def estimate(z: Tensor, z_q: Tensor, cfg: VQConfig) -> Tensor:
+def estimate(z: Tensor, z_q: Tensor, cfg: QuantizerConfig) -> Tensor:
     """The quantizer's output for inputs `z` and codes `z_q`, as chosen by `cfg`."""
     out = rotation_trick(z, z_q) if cfg.estimator == "rotation" else straight_through(z, z_q)
     if cfg.sync_nu > 0:

@@ -32,12 +32,12 @@ def normalize_dim(dim: int, ndim: int, *, where: str, name: str = "dim") -> int:
     return dim % ndim
 
 
-def to_rows(x: Tensor, cfg: VQConfig) -> tuple[Tensor, Layout]:
-    """`x: [..., F (at cfg.dim), ...]` -> rows `[M, G, d]` and the layout to undo it."""
-    dim = cfg.dim % x.ndim
+def to_rows(x: Tensor, dim: int, groups: int) -> tuple[Tensor, Layout]:
+    """`x: [..., F (at dim), ...]` -> rows `[M, G, F / G]` and the layout to undo it."""
+    dim = dim % x.ndim
     moved = x.movedim(dim, -1)
     batch_shape = tuple(moved.shape[:-1])
-    rows = moved.reshape(-1, cfg.groups, cfg.code_dim)
+    rows = moved.reshape(-1, groups, moved.shape[-1] // groups)
     return rows, Layout(batch_shape, dim)
 
 

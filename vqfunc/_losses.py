@@ -16,7 +16,7 @@ def commitment_loss(
 
     Args:
         z: `[..., F]` encoder vectors (e.g. `QuantizeOutput.z`).
-        z_q: `[..., F]` their selected codes (e.g. `QuantizeOutput.z_q`), same shape as `z`.
+        z_q: `[..., F]` their selected codes (e.g. `QuantizeOutput.codewords`), same shape as `z`.
         beta: weight of the codebook term, in [0, 1].
         mask: optional `[...]` tensor (bool or float weights) over the leading axes of `z`;
             rows with weight 0 do not count. The mean is taken over the weighted elements.

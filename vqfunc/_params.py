@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig
 
 
 class VQParams(NamedTuple):
@@ -25,16 +25,8 @@ class VQParams(NamedTuple):
     affine_bias: Tensor
 
 
-def affine_shape(cfg: VQConfig) -> tuple[int, ...]:
-    """Shape of each raw affine parameter for `cfg` (empty when affine is off)."""
-    rows = cfg.affine_groups if cfg.affine_lr > 0 else 0
-    if cfg.share:
-        return (rows, cfg.code_dim)
-    return (cfg.groups, rows, cfg.code_dim)
-
-
 def init_params(
-    cfg: VQConfig,
+    cfg: QuantizerConfig,
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -43,7 +35,7 @@ def init_params(
     """Fresh parameters: a standard-normal codebook and zero raw affine parameters.
 
     Args:
-        cfg: the quantizer's configuration.
+        cfg: the quantizer's configuration (a `VQConfig` or a `vqfunc.residual.ResidualConfig`).
         generator: source of randomness; the same seed gives the same codebook.
         device: where to create the tensors (default: the generator's device, else the
             default device); the values are drawn on the generator's device, so they do not
@@ -51,7 +43,7 @@ def init_params(
         dtype: floating dtype of the tensors (default: `torch.get_default_dtype()`).
 
     Returns:
-        `VQParams` with `codebook` of shape `cfg.codebook_shape`.
+        `VQParams` with `codebook` of shape `cfg.layout.codebook_shape`.
     """
     dtype = dtype or torch.get_default_dtype()
     if not dtype.is_floating_point:
@@ -62,7 +54,7 @@ def init_params(
     # with the same values on every device.
     sample_device = generator.device if generator is not None else device
     codebook = torch.randn(
-        cfg.codebook_shape, generator=generator, device=sample_device, dtype=dtype
+        cfg.layout.codebook_shape, generator=generator, device=sample_device, dtype=dtype
     ).to(device)
-    zeros = torch.zeros(affine_shape(cfg), device=codebook.device, dtype=dtype)
+    zeros = torch.zeros(cfg.layout.affine_shape, device=codebook.device, dtype=dtype)
     return VQParams(codebook=codebook, affine_scale=zeros, affine_bias=zeros.clone())

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from vqfunc import _validate
 from vqfunc._affine import effective_codebook
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._estimators import estimate
 from vqfunc._kernels.straight_through import straight_through_with_loss
 from vqfunc._layout import codes_to_batch, codes_to_rows, from_rows, rows_to_batch, to_rows
@@ -40,8 +40,8 @@ class QuantizeOutput(NamedTuple):
             vectors for cosine).
         loss: scalar commitment loss with `cfg.beta` (masked rows excluded).
         z: `[*B, F]` the input vectors as the search saw them (normalised for cosine).
-        z_q: `[*B, F]` their selected codes, before the gradient estimator; differentiable
-            with respect to the codebook.
+        codewords: `[*B, F]` their selected codes, before the gradient estimator (the
+            returned `z_q` carries the estimator); differentiable with respect to the codebook.
         perplexity: scalar code perplexity (mean over codebooks).
         histogram: `[num_books, K]` code counts (masked rows excluded).
     """
@@ -50,7 +50,7 @@ class QuantizeOutput(NamedTuple):
     distances: Tensor
     loss: Tensor
     z: Tensor
-    z_q: Tensor
+    codewords: Tensor
     perplexity: Tensor
     histogram: Tensor
 
@@ -124,7 +124,7 @@ def _straight_through_rows(
     return out.view(z.shape), z_q.view(z.shape), codes, distances, loss
 
 
-def book_histogram(codes: Tensor, cfg: VQConfig, row_mask: Tensor | None = None) -> Tensor:
+def book_histogram(codes: Tensor, cfg: QuantizerConfig, row_mask: Tensor | None = None) -> Tensor:
     """Counts `[num_books, K]` of row codes `[M, G]` (rows weighted by `row_mask` `[M]`)."""
     flat = _flat_codes(codes, cfg)
     if row_mask is None:
@@ -135,13 +135,14 @@ def book_histogram(codes: Tensor, cfg: VQConfig, row_mask: Tensor | None = None)
     return counts.view(cfg.num_books, cfg.codes_per_book)
 
 
-def _flat_codes(codes: Tensor, cfg: VQConfig) -> Tensor:
+def _flat_codes(codes: Tensor, cfg: QuantizerConfig) -> Tensor:
     """Row codes `[M, G]` -> `[M * G]` indices into the codebooks flattened to `[num_codes, d]`.
 
     Separate codebooks `[G, K, d]` flatten to `[G * K, d]`, so group `g`'s codes gain `g * K`.
     """
     if not cfg.share:
-        codes = codes + torch.arange(cfg.groups, device=codes.device) * cfg.codes_per_book
+        parts = torch.arange(cfg.layout.parts, device=codes.device)
+        codes = codes + parts * cfg.codes_per_book
     return codes.reshape(-1)
 
 
@@ -174,7 +175,7 @@ def quantize(
     _validate.check_params(params, cfg, where="quantize")
     _validate.check_input(x, cfg, where="quantize")
     _validate.check_same_device(x, params, where="quantize")
-    rows, layout = to_rows(x.to(compute_dtype(x, params)), cfg)
+    rows, layout = to_rows(x.to(compute_dtype(x, params)), cfg.dim, cfg.groups)
     row_mask = None
     if mask is not None:
         _validate.check_mask(mask, layout.batch_shape, x, where="quantize")
@@ -185,7 +186,7 @@ def quantize(
         distances=codes_to_batch(distances, layout, cfg),
         loss=loss,
         z=rows_to_batch(z, layout),
-        z_q=rows_to_batch(z_q, layout),
+        codewords=rows_to_batch(z_q, layout),
         perplexity=perplexity(histogram).mean(),
         histogram=histogram,
     )
@@ -219,9 +220,10 @@ def dequantize(params: VQParams, codes: Tensor, cfg: VQConfig) -> Tensor:
 
 
 def code_vectors(
-    params: VQParams, code_rows: Tensor, cfg: VQConfig, dtype: torch.dtype | None = None
+    params: VQParams, code_rows: Tensor, cfg: QuantizerConfig, dtype: torch.dtype | None = None
 ) -> Tensor:
-    """The effective codes `[M, G, d]` of row codes `[M, G]` (group-local indices).
+    """The effective codes `[M, G, d]` of row codes `[M, G]` (part-local indices; `G` the
+    groups, or the levels of a residual quantizer).
 
     Unit length for `dist="cosine"`, as the search sees them. `dtype`, if given, is the one the
     codebook is cast to before the codes are normalised and looked up.
@@ -229,8 +231,8 @@ def code_vectors(
     codebook = effective_codebook(params, cfg)
     if dtype is not None:
         codebook = codebook.to(dtype)
-    if cfg.dist == "cosine":
+    if isinstance(cfg, VQConfig) and cfg.dist == "cosine":
         codebook = F.normalize(codebook, dim=-1)
     if cfg.share:
         return codebook[code_rows]
-    return codebook[torch.arange(cfg.groups, device=codebook.device), code_rows]
+    return codebook[torch.arange(cfg.layout.parts, device=codebook.device), code_rows]

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from vqfunc._affine import effective_codebook, invert_affine
 from vqfunc._books import as_books, book_vectors, from_books, rows_per_book
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig
 from vqfunc._params import VQParams
 
 
@@ -67,16 +67,20 @@ class Candidates(NamedTuple):
     valid: Tensor
 
 
-def init_replace_state(cfg: VQConfig, *, device: torch.device | str | None = None) -> ReplaceState:
-    """Counters at `cfg.replace_freq` (an empty `[num_books, 0]` tensor when it is 0)."""
-    k = cfg.codes_per_book if cfg.replace_freq > 0 else 0
-    counters = torch.full((cfg.num_books, k), cfg.replace_freq, dtype=torch.long, device=device)
+def init_replace_state(params: VQParams, cfg: QuantizerConfig) -> ReplaceState:
+    """Counters at `cfg.replace_freq` on the params' device (an empty `[num_books, 0]` tensor
+    when replacement is off)."""
+    layout = cfg.layout
+    k = layout.codes_per_book if cfg.replace_freq > 0 else 0
+    counters = torch.full(
+        (layout.num_books, k), cfg.replace_freq, dtype=torch.long, device=params.codebook.device
+    )
     return ReplaceState(counters)
 
 
 def draw_replace_randomness(
     num_rows: int,
-    cfg: VQConfig,
+    cfg: QuantizerConfig,
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -96,11 +100,11 @@ def draw_replace_randomness(
         device = generator.device
     gen_device = generator.device if generator is not None else device
     n = rows_per_book(num_rows, cfg)
-    keys = torch.rand(cfg.num_books, n, generator=generator, device=gen_device, dtype=dtype)
+    keys = torch.rand(cfg.layout.num_books, n, generator=generator, device=gen_device, dtype=dtype)
     noise = torch.randn(
-        cfg.num_books,
-        cfg.codes_per_book,
-        cfg.code_dim,
+        cfg.layout.num_books,
+        cfg.layout.codes_per_book,
+        cfg.layout.code_dim,
         generator=generator,
         device=gen_device,
         dtype=dtype,
@@ -111,7 +115,7 @@ def draw_replace_randomness(
 def sample_candidates(
     z: Tensor,
     codes: Tensor,
-    cfg: VQConfig,
+    cfg: QuantizerConfig,
     *,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -136,10 +140,10 @@ def sample_candidates(
     """
     books = book_vectors(z.detach(), codes, cfg, mask)
     num_books, n, d = books.vectors.shape
-    k = cfg.codes_per_book
+    k = cfg.layout.codes_per_book
     if randomness is None:
         randomness = draw_replace_randomness(
-            z.reshape(-1, cfg.feature_size).shape[0],
+            codes.reshape(-1, cfg.layout.parts).shape[0],  # the input vectors
             cfg,
             generator=generator,
             device=z.device,
@@ -177,7 +181,7 @@ def replace_dead_codes(
     state: ReplaceState,
     histogram: Tensor,
     candidates: Candidates,
-    cfg: VQConfig,
+    cfg: QuantizerConfig,
 ) -> tuple[VQParams, ReplaceState]:
     """One step of the counters, replacing the codes whose counter reaches 0.
 
@@ -201,7 +205,7 @@ def replace_step(
     state: ReplaceState,
     histogram: Tensor,
     candidates: Candidates,
-    cfg: VQConfig,
+    cfg: QuantizerConfig,
 ) -> tuple[VQParams, ReplaceState, Tensor]:
     """`replace_dead_codes`, also returning which codes were replaced (`[num_books, K]`)."""
     if cfg.replace_freq <= 0:
@@ -211,10 +215,11 @@ def replace_step(
         )
     period = cfg.replace_freq
     counters = state.counters
-    if tuple(counters.shape) != (cfg.num_books, cfg.codes_per_book):
+    expected = (cfg.layout.num_books, cfg.layout.codes_per_book)
+    if tuple(counters.shape) != expected:
         raise ValueError(
             f"replace_dead_codes: state.counters has shape {tuple(counters.shape)}, expected "
-            f"{(cfg.num_books, cfg.codes_per_book)} (from init_replace_state(cfg))"
+            f"{expected} (from init_replace_state(params, cfg))"
         )
     used = histogram > 0
     counters = torch.where(used, period, counters - 1).clamp(min=0)

@@ -1,9 +1,11 @@
 """`VQState`: the training state of a quantizer, and its pure step `update_state`.
 
-The state gathers what the stateful techniques carry from step to step: dead-code replacement
-counters (`vqfunc.replace_dead_codes`) and EMA statistics (`vqfunc.ema_update`). Techniques that
-are off hold empty tensors, so the record always has the same fields. The layer shim keeps each
-field in a buffer of the same name.
+The state nests one record per stateful technique, each with its `(init, update)` pair, in
+the optax style: `VQState(ema=EMAState, replace=ReplaceState)` (`vqfunc.init_ema_state` /
+`vqfunc.ema_update`, `vqfunc.init_replace_state` / `vqfunc.replace_dead_codes`). Techniques
+that are off hold empty tensors, so the record always has the same fields. A layer keeps each
+tensor in a buffer named `<technique>_<field>` (`ema_counts`, `ema_sums`, `replace_counters`);
+`state_buffers` and `state_from_buffers` translate.
 
 A functional training step threads it explicitly:
 
@@ -14,12 +16,13 @@ A functional training step threads it explicitly:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._ema import (
     EMAState,
     EMAStatistics,
@@ -41,81 +44,84 @@ from vqfunc._replace import (
 if TYPE_CHECKING:
     from vqfunc.distributed import StateSync
 
+S = TypeVar("S", bound=tuple[Any, ...])
+
 
 class VQState(NamedTuple):
-    """Training state of a quantizer (a pytree of tensors).
+    """Training state of a quantizer (a pytree of tensors), one record per technique.
 
     Attributes:
-        replace_counters: `[num_books, K]` int64 dead-code counters (`ReplaceState.counters`);
+        ema: the EMA statistics (`EMAState`: counts `[num_books, K]`, sums
+            `[num_books, K, d]`); empty along `K` when `cfg.ema_decay == 0`.
+        replace: the dead-code counters (`ReplaceState`: counters `[num_books, K]` int64);
             `[num_books, 0]` when `cfg.replace_freq == 0`.
-        ema_counts: `[num_books, K]` EMA cluster sizes (`EMAState.counts`);
-            `[num_books, 0]` when `cfg.ema_decay == 0`.
-        ema_sums: `[num_books, K, d]` EMA sums (`EMAState.sums`); `[num_books, 0, d]` when off.
     """
 
-    replace_counters: Tensor
-    ema_counts: Tensor
-    ema_sums: Tensor
+    ema: EMAState
+    replace: ReplaceState
 
 
 def init_state(params: VQParams, cfg: VQConfig) -> VQState:
     """The initial state for `params` (on their device): counters at `cfg.replace_freq`, EMA
     statistics of one pseudo-observation per code."""
-    replace = init_replace_state(cfg, device=params.codebook.device)
-    ema = init_ema_state(params, cfg)
-    return VQState(replace.counters, ema.counts, ema.sums)
+    return VQState(ema=init_ema_state(params, cfg), replace=init_replace_state(params, cfg))
 
 
-def check_state(state: object, params: VQParams, cfg: VQConfig, *, where: str) -> None:
-    """`state` is a `VQState` shaped as `cfg` says, on the params' device."""
-    if not isinstance(state, VQState):
-        raise TypeError(
-            f"{where}: state must be a VQState (from vqfunc.init_state(params, cfg) or "
-            f"layer.state), got {type(state).__name__}"
+def state_buffers(state: tuple[Any, ...]) -> dict[str, Tensor]:
+    """A nested state's tensors by layer buffer name: `<technique>_<field>`."""
+    return {
+        f"{technique}_{name}": value
+        for technique, record in state._asdict().items()  # type: ignore[attr-defined]
+        for name, value in record._asdict().items()
+    }
+
+
+def state_from_buffers(like: S, tensor: Callable[[str, Tensor], Tensor | None]) -> S:
+    """A state shaped like `like` whose tensors are `tensor(buffer_name, like_tensor)`."""
+    records = {
+        technique: type(record)(
+            *(tensor(f"{technique}_{name}", value) for name, value in record._asdict().items())
         )
-    described = (
-        f"cfg (num_codes={cfg.num_codes}, groups={cfg.groups}, share={cfg.share}, "
-        f"replace_freq={cfg.replace_freq}, ema_decay={cfg.ema_decay})"
-    )
-    check_state_fields(state, init_state_shapes(cfg), params, where=where, described=described)
+        for technique, record in like._asdict().items()  # type: ignore[attr-defined]
+    }
+    return type(like)(**records)
 
 
-def check_state_fields(
-    state: tuple[object, ...],
-    expected: dict[str, tuple[int, ...]],
+def check_state(
+    state: object,
     params: VQParams,
+    cfg: QuantizerConfig,
     *,
     where: str,
-    described: str,
+    kind: type[tuple[Any, ...]] = VQState,
+    init: Callable[[VQParams, Any], tuple[Any, ...]] = init_state,
 ) -> None:
-    """Each field `name` of `state` is a tensor of shape `expected[name]` on the params' device.
-
-    `described` names the configuration that expects those shapes, for the error message.
-    """
-    for name, shape in expected.items():
-        value = getattr(state, name)
+    """`state` is a `kind` record whose tensors are shaped like `init(params, cfg)`'s, on the
+    params' device."""
+    if not isinstance(state, kind) or not all(isinstance(r, tuple) for r in state):
+        raise TypeError(
+            f"{where}: state must be a {kind.__name__} (from init_state(params, cfg) or "
+            f"layer.state), got {type(state).__name__}"
+        )
+    expected = state_buffers(init(params, cfg))
+    for buffer, value in state_buffers(state).items():
+        technique, name = buffer.split("_", 1)
+        shape = tuple(expected[buffer].shape)
         if not isinstance(value, Tensor) or tuple(value.shape) != shape:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
-                f"{where}: state.{name} is {got}, but {described} expects shape {shape}"
+                f"{where}: state.{technique}.{name} is {got}, but cfg ({cfg.describe()}, "
+                f"replace_freq={cfg.replace_freq}{_ema_setting(cfg)}) expects shape {shape}"
             )
         if value.device != params.codebook.device:
             raise ValueError(
-                f"{where}: state.{name} is on {value.device} but params.codebook is on "
-                f"{params.codebook.device}"
+                f"{where}: state.{technique}.{name} is on {value.device} but params.codebook "
+                f"is on {params.codebook.device}"
             )
 
 
-def init_state_shapes(cfg: VQConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of each `VQState` field for `cfg`."""
-    books, k, d = cfg.num_books, cfg.codes_per_book, cfg.code_dim
-    k_replace = k if cfg.replace_freq > 0 else 0
-    k_ema = k if cfg.ema_decay > 0 else 0
-    return {
-        "replace_counters": (books, k_replace),
-        "ema_counts": (books, k_ema),
-        "ema_sums": (books, k_ema, d),
-    }
+def _ema_setting(cfg: QuantizerConfig) -> str:
+    return f", ema_decay={cfg.ema_decay}" if isinstance(cfg, VQConfig) else ""
 
 
 def update_state(
@@ -156,14 +162,14 @@ def update_state(
     check_state(state, params, cfg, where="update_state")
     with torch.no_grad():
         params = VQParams(*(p.detach() for p in params))
+        ema, replace = state
         histogram = out.histogram
         if cfg.ema_decay > 0:
             stats = ema_statistics(out.z, out.codes, cfg, mask=mask)
             if sync is not None:
                 histogram, counts, sums = sync.reduce_sum(histogram, *stats)
                 stats = EMAStatistics(counts, sums)
-            params, ema = ema_update(params, EMAState(state.ema_counts, state.ema_sums), stats, cfg)
-            state = state._replace(ema_counts=ema.counts, ema_sums=ema.sums)
+            params, ema = ema_update(params, ema, stats, cfg)
         if cfg.replace_freq > 0:
             candidates = sample_candidates(
                 out.z, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
@@ -172,11 +178,7 @@ def update_state(
                 if cfg.ema_decay <= 0:
                     (histogram,) = sync.reduce_sum(histogram)
                 candidates = sync.share_candidates(candidates)
-            params, replace, replaced = replace_step(
-                params, ReplaceState(state.replace_counters), histogram, candidates, cfg
-            )
-            state = state._replace(replace_counters=replace.counters)
+            params, replace, replaced = replace_step(params, replace, histogram, candidates, cfg)
             if cfg.ema_decay > 0:
-                ema = reset_codes(EMAState(state.ema_counts, state.ema_sums), params, replaced, cfg)
-                state = state._replace(ema_counts=ema.counts, ema_sums=ema.sums)
-    return params, state
+                ema = reset_codes(ema, params, replaced, cfg)
+    return params, VQState(ema=ema, replace=replace)

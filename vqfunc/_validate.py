@@ -6,29 +6,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._layout import normalize_dim
-from vqfunc._params import VQParams, affine_shape
+from vqfunc._params import VQParams
 
 _FLOAT_DTYPES = "float16, bfloat16, float32 or float64"
 
 
-def check_params(params: object, cfg: VQConfig, *, where: str) -> None:
-    """`params` is a `VQParams` of floating tensors shaped as `cfg` says, on one device."""
-    if not isinstance(cfg, VQConfig):
-        raise TypeError(
-            f"{where}: cfg must be a vqfunc.VQConfig (e.g. VQConfig(feature_size=..., "
-            f"num_codes=...) or layer.cfg), got {type(cfg).__name__}"
-        )
+def check_config(cfg: object, expected: type[QuantizerConfig], *, where: str) -> None:
+    """`cfg` is an `expected` configuration (`VQConfig` or `ResidualConfig`)."""
+    if isinstance(cfg, expected):
+        return
+    hint = ""
+    if expected is VQConfig and isinstance(cfg, QuantizerConfig):
+        hint = f" (for a {type(cfg).__name__} use the functions of vqfunc.residual)"
+    elif isinstance(cfg, VQConfig):
+        hint = " (for a plain or grouped quantizer use the functions of vqfunc)"
+    public = "vqfunc.VQConfig" if expected is VQConfig else f"vqfunc.residual.{expected.__name__}"
+    raise TypeError(
+        f"{where}: cfg must be a {public} (e.g. {expected.__name__}(feature_size=..., "
+        f"num_codes=...) or layer.cfg), got {type(cfg).__name__}{hint}"
+    )
+
+
+def check_params(
+    params: object, cfg: QuantizerConfig, *, where: str, kind: type[QuantizerConfig] = VQConfig
+) -> None:
+    """`cfg` is a `kind` configuration, and `params` a `VQParams` of floating tensors shaped as
+    `cfg` says, on one device."""
+    check_config(cfg, kind, where=where)
     if not isinstance(params, VQParams):
         raise TypeError(
             f"{where}: params must be a VQParams (from vqfunc.init_params(cfg) or layer.params), "
             f"got {type(params).__name__}"
         )
+    layout = cfg.layout
     expected = {
-        "codebook": cfg.codebook_shape,
-        "affine_scale": affine_shape(cfg),
-        "affine_bias": affine_shape(cfg),
+        "codebook": layout.codebook_shape,
+        "affine_scale": layout.affine_shape,
+        "affine_bias": layout.affine_shape,
     }
     for name, shape in expected.items():
         value = getattr(params, name)
@@ -42,9 +58,7 @@ def check_params(params: object, cfg: VQConfig, *, where: str) -> None:
         if tuple(value.shape) != shape:
             raise ValueError(
                 f"{where}: params.{name} has shape {tuple(value.shape)}, but cfg "
-                f"(num_codes={cfg.num_codes}, feature_size={cfg.feature_size}, "
-                f"groups={cfg.groups}, share={cfg.share}, affine_lr={cfg.affine_lr}, "
-                f"affine_groups={cfg.affine_groups}) expects {shape}"
+                f"({cfg.describe()}) expects {shape}"
             )
         if value.device != params.codebook.device:
             raise ValueError(
@@ -53,7 +67,7 @@ def check_params(params: object, cfg: VQConfig, *, where: str) -> None:
             )
 
 
-def check_input(x: object, cfg: VQConfig, *, where: str, name: str = "x") -> int:
+def check_input(x: object, cfg: QuantizerConfig, *, where: str, name: str = "x") -> int:
     """`x` is a floating tensor of rank >= 1 with `cfg.feature_size` on `cfg.dim`.
 
     Returns the non-negative feature axis.
@@ -111,15 +125,25 @@ def check_mask(mask: object, batch_shape: tuple[int, ...], x: Tensor, *, where: 
         raise ValueError(f"{where}: mask is on {mask.device} but x is on {x.device}")
 
 
-def check_codes(codes: object, cfg: VQConfig, *, where: str) -> None:
+def check_codes(codes: object, cfg: QuantizerConfig, *, where: str) -> None:
+    """`codes` is an integer tensor with the trailing axis of one code per group (when
+    `groups > 1`) or per level (always, for residual VQ)."""
     if not isinstance(codes, Tensor):
         raise TypeError(f"{where}: codes must be a tensor, got {type(codes).__name__}")
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"{where}: codes must be an integer tensor, got {codes.dtype}")
-    if cfg.groups > 1 and (codes.ndim == 0 or codes.shape[-1] != cfg.groups):
+    parts = cfg.layout.parts
+    has_trailing_axis = codes.ndim > 0 and codes.shape[-1] == parts
+    if isinstance(cfg, VQConfig):
+        if parts > 1 and not has_trailing_axis:
+            raise ValueError(
+                f"{where}: with groups={parts}, codes must have a trailing axis of size "
+                f"{parts}, got shape {tuple(codes.shape)}"
+            )
+    elif not has_trailing_axis:
         raise ValueError(
-            f"{where}: with groups={cfg.groups}, codes must have a trailing axis of size "
-            f"{cfg.groups}, got shape {tuple(codes.shape)}"
+            f"{where}: codes must have a trailing axis of size levels={parts} "
+            f"(one code per level), got shape {tuple(codes.shape)}"
         )
 
 

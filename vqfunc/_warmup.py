@@ -1,19 +1,21 @@
-"""`warmup_params`: codebooks initialised from data."""
+"""`warmup_params`: codebooks initialised from data, in one process or across ranks."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from vqfunc import _validate
 from vqfunc._affine import invert_affine
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._kmeans import _sample_indices, kmeans
-from vqfunc._layout import to_rows
 from vqfunc._params import VQParams
 from vqfunc._quantize import compute_dtype
+
+if TYPE_CHECKING:
+    from vqfunc.distributed import WarmupSync
 
 WarmupMethod = Literal["data", "kmeans"]
 _METHODS = ("data", "kmeans")
@@ -40,18 +42,18 @@ def sample_codes(data: Tensor, k: int, *, generator: torch.Generator | None = No
     return torch.cat([data, noisy])
 
 
-def _fit_codebook(
+def fit_codes(
     data: Tensor,
     k: int,
-    cfg: VQConfig,
+    cfg: QuantizerConfig,
     method: WarmupMethod,
     generator: torch.Generator | None,
     kmeans_iters: int,
 ) -> Tensor:
+    """`k` codes fitted to the rows of `data` `[M, d]` by `method`."""
     if method == "kmeans" and data.shape[0] >= k:
-        return kmeans(
-            data, k, iters=kmeans_iters, spherical=cfg.dist == "cosine", generator=generator
-        )
+        spherical = isinstance(cfg, VQConfig) and cfg.dist == "cosine"
+        return kmeans(data, k, iters=kmeans_iters, spherical=spherical, generator=generator)
     return sample_codes(data, k, generator=generator)
 
 
@@ -63,6 +65,8 @@ def warmup_params(
     method: WarmupMethod = "data",
     generator: torch.Generator | None = None,
     kmeans_iters: int = 20,
+    mask: Tensor | None = None,
+    sync: WarmupSync | None = None,
 ) -> VQParams:
     """New params whose codebook is fitted to the vectors of `x`.
 
@@ -77,34 +81,116 @@ def warmup_params(
             falling back to `"data"` when there are fewer vectors than codes.
         generator: source of randomness; the same seed gives the same codebook.
         kmeans_iters: Lloyd iterations for `"kmeans"`.
+        mask: optional `[*B]` mask over `x`'s non-feature axes; rows at 0 are left out.
+        sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: the vectors of
+            every rank are gathered on the group's first rank, which fits the codebook with
+            its own `generator` and broadcasts it, so every rank gets the same params (every
+            rank must call; a rank may hold no vector). None: this process's vectors only.
 
     Returns:
         `VQParams` with a new codebook (same shape, dtype and device); `params` is unchanged.
+
+    Raises:
+        ValueError: when no vector is left (on any rank), or some are not finite.
     """
-    _validate.check_params(params, cfg, where="warmup_params")
-    _validate.check_input(x, cfg, where="warmup_params")
-    _validate.check_same_device(x, params, where="warmup_params")
-    if method not in _METHODS:
-        raise ValueError(f"warmup_params: method must be one of {_METHODS}, got {method!r}")
-    if not isinstance(kmeans_iters, int) or kmeans_iters < 0:
-        raise ValueError(f"warmup_params: kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
-    rows, _ = to_rows(x.detach().to(compute_dtype(x, params)), cfg)
-    if rows.shape[0] == 0:
+    fitted = fit_params(
+        params,
+        x,
+        cfg,
+        method=method,
+        generator=generator,
+        kmeans_iters=kmeans_iters,
+        mask=mask,
+        sync=sync,
+        where="warmup_params",
+    )
+    if fitted is None:
         raise ValueError(
-            f"warmup_params: x holds no vectors (shape {tuple(x.shape)}); expected at least one"
+            f"warmup_params: x holds no vectors (shape {tuple(x.shape)}"
+            f"{', masked' if mask is not None else ''}{', on any rank' if sync else ''}); "
+            "expected at least one"
         )
-    _validate.check_finite(rows, where="warmup_params")
+    return fitted
+
+
+def fit_params(
+    params: VQParams,
+    x: Tensor,
+    cfg: QuantizerConfig,
+    *,
+    method: WarmupMethod,
+    generator: torch.Generator | None,
+    kmeans_iters: int,
+    mask: Tensor | None,
+    sync: WarmupSync | None,
+    where: str,
+) -> VQParams | None:
+    """`warmup_params` for either kind of configuration, None (on every rank) without data.
+
+    The residual warm-up shares it, and a layer that warms up on "the first batch that holds
+    data" decides the same way on every rank.
+    """
+    kind = VQConfig if isinstance(cfg, VQConfig) else type(cfg)
+    _validate.check_params(params, cfg, where=where, kind=kind)
+    _validate.check_input(x, cfg, where=where)
+    _validate.check_same_device(x, params, where=where)
+    if method not in _METHODS:
+        raise ValueError(f"{where}: method must be one of {_METHODS}, got {method!r}")
+    if not isinstance(kmeans_iters, int) or isinstance(kmeans_iters, bool) or kmeans_iters < 0:
+        raise ValueError(f"{where}: kmeans_iters must be an int >= 0, got {kmeans_iters!r}")
+    dim = cfg.dim % x.ndim
+    moved = x.detach().movedim(dim, -1)
+    rows = moved.reshape(-1, cfg.feature_size).to(compute_dtype(x, params))
+    if mask is not None:
+        _validate.check_mask(mask, tuple(moved.shape[:-1]), x, where=where)
+        rows = rows[mask.detach().reshape(-1) > 0]  # a warm-up may read the device
+
+    def fit(data: Tensor) -> Tensor:
+        _validate.check_finite(data, where=where)
+        return _fit_rows(params, data, cfg, method, generator, kmeans_iters)
+
+    if sync is None:
+        codebook = None if rows.shape[0] == 0 else fit(rows)
+    else:
+        codebook = sync.fit_on_first_rank(rows, params.codebook, fit)
+    return None if codebook is None else params._replace(codebook=codebook)
+
+
+def _fit_rows(
+    params: VQParams,
+    rows: Tensor,
+    cfg: QuantizerConfig,
+    method: WarmupMethod,
+    generator: torch.Generator | None,
+    kmeans_iters: int,
+) -> Tensor:
+    """The raw codebook whose effective codes fit the finite rows `[M, F]`."""
+    if isinstance(cfg, VQConfig):
+        codebook = _fit_groups(rows, cfg, method, generator, kmeans_iters)
+    else:
+        # Imported here: the residual package builds on this module.
+        from vqfunc.residual._warmup import fit_levels
+
+        codebook = fit_levels(rows, cfg, method, generator, kmeans_iters)  # type: ignore[arg-type]
+    raw = invert_affine(codebook, params, cfg)
+    return raw.to(params.codebook.dtype)
+
+
+def _fit_groups(
+    rows: Tensor,
+    cfg: VQConfig,
+    method: WarmupMethod,
+    generator: torch.Generator | None,
+    kmeans_iters: int,
+) -> Tensor:
+    """Effective codes `cfg.codebook_shape` fitted to rows `[M, F]`, per codebook."""
+    groups = rows.reshape(-1, cfg.groups, cfg.code_dim)
     k = cfg.codes_per_book
     if cfg.share:
-        codebook = _fit_codebook(
-            rows.reshape(-1, cfg.code_dim), k, cfg, method, generator, kmeans_iters
-        )
-    else:
-        codebook = torch.stack(
-            [
-                _fit_codebook(rows[:, g], k, cfg, method, generator, kmeans_iters)
-                for g in range(cfg.groups)
-            ]
-        )
-    raw = invert_affine(codebook, params, cfg)
-    return params._replace(codebook=raw.to(params.codebook.dtype))
+        return fit_codes(groups.reshape(-1, cfg.code_dim), k, cfg, method, generator, kmeans_iters)
+    return torch.stack(
+        [
+            fit_codes(groups[:, g], k, cfg, method, generator, kmeans_iters)
+            for g in range(cfg.groups)
+        ]
+    )

@@ -6,10 +6,11 @@ names, dict keys and list indices with dots (`"codebook"`, `"layers.0.ema_sums"`
 tensor is detached, contiguous and owns its storage, so the dict can go to `torch.save` or
 `safetensors` as is.
 
-The keys of `VQParams` and `VQState` are their field names, which are also the names of the
-layer shim's parameters and buffers: `layer_state_dict(params, state)` *is* a
-`VectorQuantize.state_dict()`, and `from_layer_state_dict` reads one back, so a model trained
-functionally can continue as a layer and the other way round::
+The layer shims name their parameters like the fields of `VQParams` and their buffers
+`<technique>_<field>` after the nested state (`ema_counts`, `ema_sums`, `replace_counters`):
+`layer_state_dict(params, state)` *is* a `VectorQuantize.state_dict()` (or a
+`ResidualVectorQuantize`'s, for a residual state), and `from_layer_state_dict` reads one back,
+so a model trained functionally can continue as a layer and the other way round::
 
     layer.load_state_dict(vqfunc.checkpoint.layer_state_dict(params, state))
     params, state = vqfunc.checkpoint.from_layer_state_dict(layer.state_dict(), layer.cfg)
@@ -25,9 +26,14 @@ import optree
 import torch
 from torch import Tensor
 
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._params import VQParams, init_params
-from vqfunc._state import VQState, check_state, init_state
+from vqfunc._state import VQState, check_state, init_state, state_buffers, state_from_buffers
+from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._state import ResidualState, check_residual_state
+from vqfunc.residual._state import init_state as init_residual_state
+
+__all__ = ["flatten", "from_layer_state_dict", "layer_state_dict", "load", "save", "unflatten"]
 
 T = TypeVar("T")
 
@@ -119,17 +125,18 @@ def unflatten(flat: Mapping[str, Tensor], like: T, *, prefix: str = "") -> T:
 
 def layer_state_dict(
     params: VQParams,
-    state: VQState | None = None,
+    state: VQState | ResidualState | None = None,
     *,
-    cfg: VQConfig | None = None,
+    cfg: QuantizerConfig | None = None,
     kmeans_initialized: bool = True,
     prefix: str = "",
 ) -> dict[str, Tensor]:
-    """A `VectorQuantize.state_dict()` holding functional `params` and `state`.
+    """A layer's `state_dict()` holding functional `params` and `state`.
 
     Args:
         params: the params.
-        state: the training state (default: `init_state(params, cfg)`, which needs `cfg`).
+        state: the training state, a `VQState` (for `VectorQuantize`) or a `ResidualState`
+            (for `ResidualVectorQuantize`); default: the initial state for `cfg`.
         cfg: the configuration, to check `state` and to make the default state.
         kmeans_initialized: the value of the layer's k-means flag: True (default) so that a
             layer with `kmeans_init=True` keeps the loaded codebook instead of warming again.
@@ -141,11 +148,14 @@ def layer_state_dict(
     if state is None:
         if cfg is None:
             raise ValueError("layer_state_dict: pass state, or cfg to start from init_state")
-        state = init_state(params, cfg)
+        state = _initial_state(params, cfg)
     elif cfg is not None:
-        check_state(state, params, cfg, where="layer_state_dict")
+        if isinstance(cfg, ResidualConfig):
+            check_residual_state(state, params, cfg, where="layer_state_dict")
+        else:
+            check_state(state, params, cfg, where="layer_state_dict")
     flat = flatten(params, prefix=prefix)
-    flat.update(flatten(state, prefix=prefix))
+    flat.update({prefix + name: _plain(value) for name, value in state_buffers(state).items()})
     device = params.codebook.device
     flat[prefix + KMEANS_FLAG] = torch.tensor(kmeans_initialized, device=device)
     return flat
@@ -153,12 +163,12 @@ def layer_state_dict(
 
 def from_layer_state_dict(
     state_dict: Mapping[str, Tensor],
-    cfg: VQConfig,
+    cfg: QuantizerConfig,
     *,
     prefix: str = "",
     device: torch.device | str | None = None,
-) -> tuple[VQParams, VQState]:
-    """Functional `(params, state)` read from a `VectorQuantize.state_dict()` (or a checkpoint).
+) -> tuple[VQParams, Any]:
+    """Functional `(params, state)` read from a layer's `state_dict()` (or a checkpoint).
 
     Args:
         state_dict: the layer's state dict (or a model's, with `prefix`).
@@ -167,8 +177,8 @@ def from_layer_state_dict(
         device: where to put the tensors (default: where the codebook is stored).
 
     Returns:
-        Fresh `VQParams` and `VQState` (copies: later training of the layer does not change
-        them).
+        Fresh `VQParams` and state (a `VQState` for a `VQConfig`, a `ResidualState` for a
+        `ResidualConfig`; copies: later training of the layer does not change them).
     """
     key = prefix + "codebook"
     if key not in state_dict:
@@ -182,14 +192,21 @@ def from_layer_state_dict(
             for name, like in params_like._asdict().items()
         )
     )
-    state_like = init_state(params, cfg)
-    state = VQState(
-        *(
-            _checked(state_dict, prefix + name, like, "from_layer_state_dict")
-            for name, like in state_like._asdict().items()
-        )
+    state = state_from_buffers(
+        _initial_state(params, cfg),
+        lambda name, like: _checked(state_dict, prefix + name, like, "from_layer_state_dict"),
     )
     return params, state
+
+
+def _initial_state(params: VQParams, cfg: QuantizerConfig) -> VQState | ResidualState:
+    if isinstance(cfg, ResidualConfig):
+        return init_residual_state(params, cfg)
+    if not isinstance(cfg, VQConfig):
+        raise TypeError(
+            f"checkpoint: cfg must be a VQConfig or a ResidualConfig, got {type(cfg).__name__}"
+        )
+    return init_state(params, cfg)
 
 
 def _checked(flat: Mapping[str, Tensor], key: str, like: Tensor, where: str) -> Tensor:

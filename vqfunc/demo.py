@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import importlib.util
 import math
 import multiprocessing
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vqfunc._metrics import perplexity, usage
 from vqfunc._warmup import WarmupMethod
@@ -259,9 +261,9 @@ def run_all(
         try:
             results = []
             for index, recipe in enumerate(RECIPES):
-                bar = _StepBar(settings.steps, recipe.name, enable=progress_bar)
-                results.append(run_recipe(index, train_x, test_x, settings, seed, on_step=bar.tick))
-                bar.close()
+                with tqdm(total=settings.steps, desc=recipe.name, disable=not progress_bar) as bar:
+                    tick = functools.partial(bar.update, 1)
+                    results.append(run_recipe(index, train_x, test_x, settings, seed, on_step=tick))
         finally:
             torch.set_num_threads(previous)
         return results
@@ -274,12 +276,12 @@ def run_all(
             pool.submit(_worker_run, index, train_x, test_x, settings, seed)
             for index in range(len(RECIPES))
         ]
-        bar = _StepBar(total, f"{len(RECIPES)} recipes, {jobs} processes", enable=progress_bar)
-        pending = set(futures)
-        while pending:
-            _, pending = concurrent.futures.wait(pending, timeout=0.5)
-            bar.update(counter.value)
-        bar.close()
+        desc = f"{len(RECIPES)} recipes, {jobs} processes"
+        with tqdm(total=total, desc=desc, disable=not progress_bar) as bar:
+            pending = set(futures)
+            while pending:
+                _, pending = concurrent.futures.wait(pending, timeout=0.5)
+                bar.update(counter.value - bar.n)
         return [future.result() for future in futures]
 
 
@@ -302,33 +304,6 @@ def _worker_run(
     index: int, train_x: Tensor, test_x: Tensor, settings: Settings, seed: int
 ) -> Result:
     return run_recipe(index, train_x, test_x, settings, seed, on_step=_count_step)
-
-
-class _StepBar:
-    """A progress bar over `total` steps on stderr, redrawn at most every 1% of the steps."""
-
-    def __init__(self, total: int, desc: str, *, enable: bool) -> None:
-        self.total, self.desc, self.enable = total, desc, enable
-        self.done = 0
-        self.shown = -1
-
-    def tick(self) -> None:
-        self.update(self.done + 1)
-
-    def update(self, done: int) -> None:
-        self.done = done
-        if self.enable and (100 * done) // self.total != (100 * self.shown) // self.total:
-            self.shown = done
-            width = 30
-            filled = min(width, width * done // self.total)
-            bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(f"\r{self.desc:<34} [{bar}] {done}/{self.total}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enable:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def format_table(results: Sequence[Result], num_codes: int) -> str:

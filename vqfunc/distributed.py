@@ -1,16 +1,16 @@
-"""Consistent codebooks under `torch.distributed`.
+"""Consistent codebooks under `torch.distributed`: the collectives, and nothing else.
 
 Gradient all-reduce (DistributedDataParallel, FSDP) keeps the *learned* parameters of the
 replicas equal, but a quantizer also changes its codebook from data: warm-up and k-means,
 EMA statistics, dead-code counters and replacements. This module supplies the collectives that
-keep those updates identical on every rank of a process group, while the pure functions of
-the core stay unaware of them:
+keep those updates identical on every rank of a process group; the pure functions of the core
+take them as an explicit `sync=` argument (`sync_for(group)`, None when not distributed):
 
-- **Warm-up and k-means** (`warmup_params`): the vectors of every rank (unequal counts
-  allowed, empty ones included) are gathered on the group's first rank, which fits the codebook
-  with *its* generator and broadcasts it. The fitted codebook is bit-identical on every rank,
-  whatever the ranks' generators and however nondeterministic the device's kernels are.
-  `fit_across_ranks` is that step for any fit (the residual layer's k-means uses it).
+- **Warm-up and k-means** (`ProcessGroupSync.fit_on_first_rank`, used by
+  `vqfunc.warmup_params(..., sync=)`): the vectors of every rank (unequal counts allowed, empty
+  ones included) are gathered on the group's first rank, which fits the codebook with *its*
+  generator and broadcasts it. The fitted codebook is bit-identical on every rank, whatever
+  the ranks' generators and however nondeterministic the device's kernels are.
 - **EMA statistics and code counts** (`ProcessGroupSync.reduce_sum`): per-code counts, sums and
   the histogram that drives the dead-code counters are summed over the ranks (one all-reduce),
   so the update equals the single-process update on the union of the batches.
@@ -25,14 +25,14 @@ Every collective has a shape fixed by the configuration (or is preceded by an ex
 sizes), so each rank issues the same collectives in the same order whatever its data: a rank
 with an empty or fully masked batch takes part like the others and nothing hangs.
 
-When `torch.distributed` is not initialised (or the group has a single rank) every function
-here runs the local computation and issues no collective, so single-process code needs no flag.
-`group=None` means the default (world) group.
+When `torch.distributed` is not initialised (or the group has a single rank) `sync_for`
+returns None, and the functions given `sync=None` run the local computation and issue no
+collective, so single-process code needs no flag. `group=None` means the default (world) group.
 
 Functional use::
 
     sync = vqfunc.distributed.sync_for(group)          # None when not distributed
-    params = vqfunc.distributed.warmup_params(params, x, cfg, method="kmeans", group=group)
+    params = vqfunc.warmup_params(params, x, cfg, method="kmeans", sync=sync)
     ...
     params, state = vqfunc.update_state(params, state, out, cfg, sync=sync)
 
@@ -48,11 +48,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vqfunc import _validate
-from vqfunc import _warmup as _warmup
-from vqfunc._config import VQConfig
-from vqfunc._params import VQParams
-from vqfunc._quantize import compute_dtype
 from vqfunc._replace import Candidates
 
 if TYPE_CHECKING:
@@ -72,6 +67,16 @@ class StateSync(Protocol):
 
     def share_candidates(self, candidates: Candidates) -> Candidates:
         """Replacement candidates identical on every replica."""
+        ...
+
+
+class WarmupSync(Protocol):
+    """What `vqfunc.warmup_params(..., sync=)` needs to fit one codebook for all replicas."""
+
+    def fit_on_first_rank(
+        self, rows: Tensor, like: Tensor, fit: Callable[[Tensor], Tensor]
+    ) -> Tensor | None:
+        """`fit` of the rows of every replica, computed once and shared; None without rows."""
         ...
 
 
@@ -95,7 +100,8 @@ def active_group(group: ProcessGroup | None = None) -> ProcessGroup | None:
 
 
 def sync_for(group: ProcessGroup | None = None) -> ProcessGroupSync | None:
-    """A `ProcessGroupSync` for `update_state(..., sync=)`, or None when not distributed."""
+    """A `ProcessGroupSync` for `update_state(..., sync=)` and `warmup_params(..., sync=)`, or
+    None when not distributed (then no collective runs)."""
     active = active_group(group)
     return None if active is None else ProcessGroupSync(active)
 
@@ -144,6 +150,31 @@ class ProcessGroupSync:
         """`x` of every rank, stacked in rank order: `[W, *x.shape]` (same shape on every rank)."""
         return _all_gather(x, self.group, self.world_size)
 
+    def fit_on_first_rank(
+        self, rows: Tensor, like: Tensor, fit: Callable[[Tensor], Tensor]
+    ) -> Tensor | None:
+        """`fit` of the rows of every rank, computed on the group's first rank and broadcast.
+
+        The collective behind the warm-ups (`vqfunc.warmup_params(..., sync=)` and
+        `vqfunc.residual.warmup_params`): every rank calls it once, whatever its number of
+        rows; sizes and non-finite counts are exchanged first, so every rank decides alike.
+
+        Args:
+            rows: this rank's `[M, F]` vectors (`M` may differ between ranks, or be 0).
+            like: a tensor shaped, typed and placed like `fit`'s result (e.g. the codebook).
+            fit: `[M_total, F]` rows of all ranks, in rank order -> a tensor like `like`. Runs
+                on the first rank only (so only its generator matters).
+
+        Returns:
+            `fit`'s result, identical on every rank; None on every rank when no rank has rows.
+
+        Raises:
+            ValueError: on every rank, when some rank's rows are not finite.
+            RuntimeError: on the other ranks, when `fit` raises on the first rank (which
+                re-raises its own error).
+        """
+        return _fit_on_first_rank(rows, like, fit, self.group)
+
     def share_candidates(self, candidates: Candidates) -> Candidates:
         """Candidates that every rank agrees on, drawn from the candidates of all ranks.
 
@@ -186,132 +217,10 @@ def _all_gather(x: Tensor, group: ProcessGroup, world: int) -> Tensor:
     return out.view(world, *x.shape)
 
 
-def warmup_params(
-    params: VQParams,
-    x: Tensor,
-    cfg: VQConfig,
-    *,
-    method: _warmup.WarmupMethod = "data",
-    generator: torch.Generator | None = None,
-    kmeans_iters: int = 20,
-    mask: Tensor | None = None,
-    group: ProcessGroup | None = None,
-) -> VQParams:
-    """`vqfunc.warmup_params` on the vectors of every rank, with the same result on all ranks.
-
-    The vectors of all ranks are gathered on the group's first rank (unequal counts and empty
-    ranks allowed), which fits the codebook with its own `generator` and broadcasts it. Every
-    rank must call this function (it is a collective). Not distributed, it is
-    `vqfunc.warmup_params` on the unmasked vectors of `x`.
-
-    Args:
-        params: current params (identical on all ranks); only the codebook is replaced.
-        x: this rank's `[..., F (at cfg.dim), ...]` data; may hold no vectors.
-        cfg: the static configuration.
-        method: `"data"` or `"kmeans"` (see `vqfunc.warmup_params`).
-        generator: source of randomness; only the first rank's is used.
-        kmeans_iters: Lloyd iterations for `"kmeans"`.
-        mask: optional `[*B]` mask over `x`'s non-feature axes; rows at 0 are left out.
-        group: the process group (None: the default group).
-
-    Returns:
-        New params, identical on every rank.
-
-    Raises:
-        ValueError: on every rank alike, when no rank holds a vector or some rank's vectors
-            are not finite.
-    """
-    fitted = fit_codebook(
-        params,
-        x,
-        cfg,
-        method=method,
-        generator=generator,
-        kmeans_iters=kmeans_iters,
-        mask=mask,
-        group=group,
-    )
-    if fitted is None:
-        raise ValueError(
-            f"warmup_params: x holds no vectors on any rank (this rank's shape "
-            f"{tuple(x.shape)}); expected at least one"
-        )
-    return fitted
-
-
-def fit_codebook(
-    params: VQParams,
-    x: Tensor,
-    cfg: VQConfig,
-    *,
-    method: _warmup.WarmupMethod = "data",
-    generator: torch.Generator | None = None,
-    kmeans_iters: int = 20,
-    mask: Tensor | None = None,
-    group: ProcessGroup | None = None,
-) -> VQParams | None:
-    """`warmup_params`, but None on every rank (instead of an error) when no rank has data.
-
-    Lets a caller that warms up on "the first batch that holds data" (the layer's
-    `kmeans_init`) decide the same way on every rank.
-    """
-    _validate.check_params(params, cfg, where="warmup_params")
-    _validate.check_input(x, cfg, where="warmup_params")
-    rows = _rows(x, params, cfg, mask)
-    flat_cfg = cfg.replace(dim=-1)
-
-    def fit(data: Tensor) -> Tensor:
-        fitted = _warmup.warmup_params(
-            params, data, flat_cfg, method=method, generator=generator, kmeans_iters=kmeans_iters
-        )
-        return fitted.codebook
-
-    codebook = fit_across_ranks(rows, params.codebook, fit, group=group)
-    return None if codebook is None else params._replace(codebook=codebook)
-
-
-def _rows(x: Tensor, params: VQParams, cfg: VQConfig, mask: Tensor | None) -> Tensor:
-    """`x` as `[M, F]` rows in the compute dtype, masked rows dropped (a warm-up host sync)."""
-    dim = cfg.dim % x.ndim
-    rows = x.detach().movedim(dim, -1).reshape(-1, cfg.feature_size)
-    if mask is not None:
-        batch_shape = tuple(x.movedim(dim, -1).shape[:-1])
-        _validate.check_mask(mask, batch_shape, x, where="warmup_params")
-        rows = rows[mask.detach().reshape(-1) > 0]
-    return rows.to(compute_dtype(x, params))
-
-
-def fit_across_ranks(
-    rows: Tensor,
-    like: Tensor,
-    fit: Callable[[Tensor], Tensor],
-    *,
-    group: ProcessGroup | None = None,
+def _fit_on_first_rank(
+    rows: Tensor, like: Tensor, fit: Callable[[Tensor], Tensor], active: ProcessGroup
 ) -> Tensor | None:
-    """`fit` of the rows of every rank, computed on the group's first rank and broadcast.
-
-    The building block of the distributed warm-ups (also of residual layers): a collective
-    that every rank calls once, whatever its number of rows. Not distributed, it is
-    `fit(rows)`, or None without rows.
-
-    Args:
-        rows: this rank's `[M, F]` vectors (`M` may differ between ranks, or be 0).
-        like: a tensor shaped, typed and placed like `fit`'s result (e.g. the current codebook).
-        fit: `[M_total, F]` rows of all ranks, in rank order -> a tensor like `like`. Runs on
-            the first rank only (so only its generator matters).
-        group: the process group (None: the default group).
-
-    Returns:
-        `fit`'s result, identical on every rank; None on every rank when no rank has rows.
-
-    Raises:
-        ValueError: on every rank, when some rank's rows are not finite.
-        RuntimeError: on the other ranks, when `fit` raises on the first rank (which re-raises
-            its own error).
-    """
-    active = active_group(group)
-    if active is None:
-        return None if rows.shape[0] == 0 else fit(rows)
+    """`ProcessGroupSync.fit_on_first_rank` on the group `active` (at least two ranks)."""
     world = dist.get_world_size(active)
     first = dist.get_global_rank(active, 0)
     is_first = dist.get_rank(active) == 0

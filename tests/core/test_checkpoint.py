@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optree
 import pytest
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ def trained_state(steps: int = 3) -> tuple[vqfunc.VQParams, VQState]:
 
 
 def assert_same(a: object, b: object) -> None:
-    for x, y in zip(a, b, strict=True):  # type: ignore[call-overload]
+    for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True):
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 
@@ -42,7 +43,9 @@ def test_flatten_names_fields_by_path_and_copies_plain_tensors() -> None:
     params, state = trained_state()
     flat = checkpoint.flatten({"vq": params, "levels": [state]})
     assert list(flat) == [
-        *(f"levels.0.{name}" for name in VQState._fields),
+        "levels.0.ema.counts",
+        "levels.0.ema.sums",
+        "levels.0.replace.counters",
         *(f"vq.{name}" for name in vqfunc.VQParams._fields),
     ]
     assert torch.equal(flat["vq.codebook"], params.codebook)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,8 @@ def test_ema_matches_a_hand_computed_two_step_update() -> None:
         params, state = vqfunc.update_state(params, state, out, cfg)
 
     torch.testing.assert_close(params.codebook, torch.tensor(codes_ref, dtype=torch.float64))
-    torch.testing.assert_close(state.ema_counts[0], torch.tensor(n_run, dtype=torch.float64))
-    torch.testing.assert_close(state.ema_sums[0], torch.tensor(m_run, dtype=torch.float64))
+    torch.testing.assert_close(state.ema.counts[0], torch.tensor(n_run, dtype=torch.float64))
+    torch.testing.assert_close(state.ema.sums[0], torch.tensor(m_run, dtype=torch.float64))
 
 
 def test_masked_rows_change_nothing() -> None:
@@ -133,14 +134,14 @@ def test_affine_codebook_tracks_the_effective_averages() -> None:
         affine_bias=torch.tensor([[1.0, -2.0]], dtype=torch.float64),
     )
     state = vqfunc.init_state(params, cfg)
-    torch.testing.assert_close(state.ema_sums[0], effective_codebook(params, cfg))
+    torch.testing.assert_close(state.ema.sums[0], effective_codebook(params, cfg))
     x = torch.randn(20, 2, generator=g, dtype=torch.float64)
     _, out = vqfunc.quantize(params, x, cfg)
     new, state = vqfunc.update_state(params, state, out, cfg)
-    counts = state.ema_counts[0]
+    counts = state.ema.counts[0]
     total = counts.sum()
     smoothed = (counts + cfg.ema_eps) / (total + 4 * cfg.ema_eps) * total
-    torch.testing.assert_close(effective_codebook(new, cfg), state.ema_sums[0] / smoothed[:, None])
+    torch.testing.assert_close(effective_codebook(new, cfg), state.ema.sums[0] / smoothed[:, None])
 
 
 def test_ema_layer_moves_the_codebook_without_gradient() -> None:
@@ -148,7 +149,7 @@ def test_ema_layer_moves_the_codebook_without_gradient() -> None:
     assert not layer.codebook.requires_grad
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     params = vqfunc.VQParams(*(p.detach().clone() for p in layer.params))
-    state = vqfunc.VQState(*(t.clone() for t in layer.state))
+    state = optree.tree_map(torch.clone, layer.state)
     _, out = vqfunc.quantize(params, x, layer.cfg)
     expected, expected_state = vqfunc.update_state(params, state, out, layer.cfg)
     layer.eval()
@@ -157,7 +158,7 @@ def test_ema_layer_moves_the_codebook_without_gradient() -> None:
     layer.train()
     layer(x)
     torch.testing.assert_close(layer.codebook.detach(), expected.codebook)
-    torch.testing.assert_close(layer.ema_counts, expected_state.ema_counts)
+    torch.testing.assert_close(layer.ema_counts, expected_state.ema.counts)
 
 
 def test_update_is_refused_when_ema_is_off() -> None:
@@ -186,10 +187,11 @@ def test_update_state_vmaps_over_an_ensemble_like_a_loop() -> None:
         _, out = vqfunc.quantize(params, x, cfg)
         return vqfunc.update_state(params, state, out, cfg, randomness=randomness)
 
-    stack = lambda records: type(records[0])(*(torch.stack(t) for t in zip(*records, strict=True)))  # noqa: E731
+    stack = lambda records: optree.tree_map(lambda *t: torch.stack(t), *records)  # noqa: E731
     batched = torch.func.vmap(step)(stack(members), stack(states), stack(draws))
     for i in range(3):
         params, state = step(members[i], states[i], draws[i])
         torch.testing.assert_close(batched[0].codebook[i], params.codebook)
-        for a, b in zip(batched[1], state, strict=True):
+        leaves = zip(optree.tree_leaves(batched[1]), optree.tree_leaves(state), strict=True)
+        for a, b in leaves:
             torch.testing.assert_close(a[i], b)

@@ -59,4 +59,4 @@ def test_quantize_loss_equals_commitment_loss_of_its_outputs(generator: torch.Ge
     params = vqfunc.init_params(cfg, generator=generator)
     x = torch.randn(7, 6, generator=generator)
     _, out = vqfunc.quantize(params, x, cfg)
-    torch.testing.assert_close(out.loss, commitment_loss(out.z, out.z_q, cfg.beta))
+    torch.testing.assert_close(out.loss, commitment_loss(out.z, out.codewords, cfg.beta))

@@ -67,7 +67,7 @@ def cases(draw: st.DrawFn, *, allow_empty: bool = True) -> Case:
 def make_inputs(case: Case) -> tuple[vqfunc.VQParams, torch.Tensor]:
     g = torch.Generator().manual_seed(case.seed)
     # Params in the precision `quantize` computes in (float32, or float64 for float64 input),
-    # so that `dequantize` (which works in the params' dtype) can match `out.z_q` bit for bit.
+    # so that `dequantize` (which works in the params' dtype) can match `out.codewords` bit for bit.
     params_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
     params = vqfunc.init_params(case.cfg, generator=g, dtype=params_dtype)
     # Non-trivial affine parameters (they start at 0), so the effective codebook differs.
@@ -117,7 +117,7 @@ def test_shape_dtype_and_nearest_codes(case: Case) -> None:
     assert out.codes.shape == code_shape
     assert out.codes.dtype == torch.int64
     assert out.distances.shape == code_shape
-    assert out.z.shape == out.z_q.shape == (*batch_shape, cfg.feature_size)
+    assert out.z.shape == out.codewords.shape == (*batch_shape, cfg.feature_size)
     assert out.loss.shape == ()
 
     rows, books = reference_rows(params, x, cfg)
@@ -142,8 +142,10 @@ def test_dequantize_round_trips(case: Case) -> None:
     decoded = vqfunc.dequantize(params, out.codes, cfg)
 
     assert decoded.shape == x.shape
-    # Exactly the selected codes of `quantize` (out.z_q has the feature axis last).
-    assert torch.equal(decoded.movedim(cfg.dim % x.ndim, -1).to(out.z_q.dtype), out.z_q.detach())
+    # Exactly the selected codes of `quantize` (out.codewords has the feature axis last).
+    assert torch.equal(
+        decoded.movedim(cfg.dim % x.ndim, -1).to(out.codewords.dtype), out.codewords.detach()
+    )
     # And, up to the input dtype's rounding, the forward value of z_q; with vector_normalize
     # the unit codes are rescaled to the norms of the input's sub-vectors.
     axis = cfg.dim % x.ndim

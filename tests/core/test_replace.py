@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 from hypothesis import given, settings
@@ -55,10 +56,10 @@ def test_unused_code_is_replaced_after_replace_freq_steps_and_used_ones_never() 
         assert torch.equal(params.codebook[:2], before[:2])  # used codes are never touched
         if step < 3:
             assert torch.equal(params.codebook, before)
-            assert state.replace_counters.tolist() == [[3, 3, 3 - step, 3 - step]]
+            assert state.replace.counters.tolist() == [[3, 3, 3 - step, 3 - step]]
     expected = _expected_candidates(out.z, torch.ones(12, dtype=torch.bool), randomness, 4, 0.05)
     torch.testing.assert_close(params.codebook[2:], expected[2:])
-    assert state.replace_counters.tolist() == [[3, 3, 3, 3]]
+    assert state.replace.counters.tolist() == [[3, 3, 3, 3]]
 
 
 def test_code_used_every_step_survives_many_periods() -> None:
@@ -95,7 +96,7 @@ def test_fully_masked_batch_replaces_nothing() -> None:
     state = vqfunc.init_state(params, cfg)
     new, state = vqfunc.update_state(params, state, out, cfg, mask=torch.zeros(x.shape[0]))
     assert torch.equal(new.codebook, params.codebook)
-    assert state.replace_counters.tolist() == [[0, 0, 0, 0]]  # replaced at the next real batch
+    assert state.replace.counters.tolist() == [[0, 0, 0, 0]]  # replaced at the next real batch
 
 
 def test_empty_batch_replaces_nothing() -> None:
@@ -104,7 +105,7 @@ def test_empty_batch_replaces_nothing() -> None:
     _, out = vqfunc.quantize(params, x, cfg)
     new, state = vqfunc.update_state(params, vqfunc.init_state(params, cfg), out, cfg)
     assert torch.equal(new.codebook, params.codebook)
-    assert state.replace_counters.tolist() == [[1, 1, 1, 1]]
+    assert state.replace.counters.tolist() == [[1, 1, 1, 1]]
 
 
 def test_fewer_vectors_than_codes_cycles_through_the_batch() -> None:
@@ -144,7 +145,7 @@ def test_separate_or_shared_codebooks_with_affine_replace_by_the_candidate(share
     randomness = vqfunc.draw_replace_randomness(5, cfg, generator=g)
     candidates = vqfunc.sample_candidates(out.z, out.codes, cfg, randomness=randomness)
     new, state = vqfunc.replace_dead_codes(
-        params, vqfunc.init_replace_state(cfg), out.histogram, candidates, cfg
+        params, vqfunc.init_replace_state(params, cfg), out.histogram, candidates, cfg
     )
     used = (out.histogram > 0).reshape(cfg.codebook_shape[:-1])
     effective = effective_codebook(new, cfg)
@@ -165,7 +166,7 @@ def test_separate_or_shared_codebooks_with_affine_replace_by_the_candidate(share
 def test_replace_is_pure_and_compiles_without_graph_breaks() -> None:
     cfg, params, x = _setup(replace_freq=2, ema_decay=0.9)
     state = vqfunc.init_state(params, cfg)
-    snapshot = [t.clone() for t in (*params, *state)]
+    snapshot = [t.clone() for t in (*params, *optree.tree_leaves(state))]
     _, out = vqfunc.quantize(params, x, cfg)
     randomness = vqfunc.draw_replace_randomness(x.shape[0], cfg, generator=torch.Generator())
 
@@ -174,7 +175,7 @@ def test_replace_is_pure_and_compiles_without_graph_breaks() -> None:
 
     eager = step(params, state, out, randomness)
     compiled = torch.compile(step, backend="eager", fullgraph=True)(params, state, out, randomness)
-    for a, b in zip(snapshot, (*params, *state), strict=True):
+    for a, b in zip(snapshot, (*params, *optree.tree_leaves(state)), strict=True):
         assert torch.equal(a, b)
     for a, b in zip((*eager[0], *eager[1]), (*compiled[0], *compiled[1]), strict=True):
         torch.testing.assert_close(a, b)
@@ -184,8 +185,8 @@ def test_bad_state_is_refused_with_the_expected_shape() -> None:
     cfg, params, x = _setup(replace_freq=2)
     _, out = vqfunc.quantize(params, x, cfg)
     state = vqfunc.init_state(params, cfg)
-    bad = state._replace(replace_counters=torch.zeros(1, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"replace_counters.*expects shape \(1, 4\)"):
+    bad = state._replace(replace=vqfunc.ReplaceState(torch.zeros(1, 5, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"replace\.counters.*expects shape \(1, 4\)"):
         vqfunc.update_state(params, bad, out, cfg)
 
 
@@ -229,17 +230,18 @@ def test_update_invariants(
     x = torch.randn(rows, 4, generator=g)
     mask = torch.rand(rows, generator=g) > 0.3
     state = vqfunc.init_state(params, cfg)
-    state = state._replace(
-        replace_counters=torch.randint(0, period + 1, state.replace_counters.shape, generator=g)
-    )
-    originals = (*params, *state)
+    counters = torch.randint(0, period + 1, state.replace.counters.shape, generator=g)
+    state = state._replace(replace=vqfunc.ReplaceState(counters))
+    originals = (*params, *optree.tree_leaves(state))
     snapshot = [t.clone() for t in originals]
     for _ in range(2):
         _, out = vqfunc.quantize(params, x, cfg, mask=mask)
         new, new_state = vqfunc.update_state(params, state, out, cfg, mask=mask, generator=g)
         assert [t.shape for t in new] == [t.shape for t in params]
-        assert [t.shape for t in new_state] == [t.shape for t in state]
-        counters = new_state.replace_counters
+        assert [t.shape for t in optree.tree_leaves(new_state)] == [
+            t.shape for t in optree.tree_leaves(state)
+        ]
+        counters = new_state.replace.counters
         assert ((counters >= 0) & (counters <= period)).all()
         assert (counters[out.histogram > 0] == period).all()
         used = (out.histogram > 0).reshape(cfg.codebook_shape[:-1])

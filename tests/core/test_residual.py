@@ -12,7 +12,8 @@ import torch
 from hypothesis import given
 
 import vqfunc
-from vqfunc import ResidualConfig, ResidualVectorQuantize, VQParams
+from vqfunc import ResidualVectorQuantize, VQParams
+from vqfunc.residual import ResidualConfig
 
 RESIDUAL_RECORDS = ("residual3_shared", "residual3_separate")
 
@@ -45,9 +46,9 @@ def test_functional_parity_with_vqtorch(name: str, parity_records: dict[str, Any
     record = parity_records[name]
     cfg = _config_from_record(record)
     codebook = record["codebook"].clone().reshape(cfg.codebook_shape).requires_grad_()
-    params = vqfunc.init_residual_params(cfg)._replace(codebook=codebook)
+    params = vqfunc.residual.init_params(cfg)._replace(codebook=codebook)
     x = record["x"].clone().requires_grad_()
-    z_q, out = vqfunc.residual_quantize(params, x, cfg)
+    z_q, out = vqfunc.residual.quantize(params, x, cfg)
     ((z_q * record["w"]).sum() + 3.0 * out.loss).backward()
 
     torch.testing.assert_close(z_q, record["z_q"])
@@ -154,9 +155,9 @@ def _brute_force(
 def test_codes_are_nearest_at_every_level_and_dequantize_inverts(case: Case) -> None:
     cfg = case.cfg
     g = torch.Generator().manual_seed(case.seed)
-    params = vqfunc.init_residual_params(cfg, generator=g, dtype=torch.float64)
+    params = vqfunc.residual.init_params(cfg, generator=g, dtype=torch.float64)
     x = torch.randn(case.shape, generator=g, dtype=torch.float64)
-    z_q, out = vqfunc.residual_quantize(params, x, cfg)
+    z_q, out = vqfunc.residual.quantize(params, x, cfg)
 
     batch = tuple(s for i, s in enumerate(x.shape) if i != cfg.dim % x.ndim)
     assert z_q.shape == x.shape and z_q.dtype == x.dtype
@@ -173,7 +174,7 @@ def test_codes_are_nearest_at_every_level_and_dequantize_inverts(case: Case) -> 
     # z_q is the sum of the levels: the input minus the last residual.
     expected = (rows.double() - residuals[:, -1]).reshape(*batch, cfg.feature_size)
     torch.testing.assert_close(z_q, expected.movedim(-1, cfg.dim % x.ndim))
-    decoded = vqfunc.residual_dequantize(params, out.codes, cfg)
+    decoded = vqfunc.residual.dequantize(params, out.codes, cfg)
     assert decoded.shape == x.shape
     torch.testing.assert_close(decoded, z_q)
 
@@ -182,24 +183,24 @@ def test_codes_are_nearest_at_every_level_and_dequantize_inverts(case: Case) -> 
 def test_low_precision_inputs_keep_their_dtype(dtype: torch.dtype) -> None:
     cfg = ResidualConfig(feature_size=6, num_codes=12, levels=3, share=False, dim=-1)
     g = torch.Generator().manual_seed(1)
-    params = vqfunc.init_residual_params(cfg, generator=g)
+    params = vqfunc.residual.init_params(cfg, generator=g)
     x = torch.randn(4, 5, 6, generator=g).to(dtype)
-    z_q, out = vqfunc.residual_quantize(params, x, cfg)
+    z_q, out = vqfunc.residual.quantize(params, x, cfg)
     assert z_q.dtype == dtype
     # Codes are searched in float32 on the input as given.
-    _, reference = vqfunc.residual_quantize(params, x.float(), cfg)
+    _, reference = vqfunc.residual.quantize(params, x.float(), cfg)
     assert torch.equal(out.codes, reference.codes)
-    torch.testing.assert_close(z_q, out.z_q.to(dtype))
+    torch.testing.assert_close(z_q, out.codewords.to(dtype))
 
 
 def test_dequantize_sums_each_levels_own_codebook(generator: torch.Generator) -> None:
     cfg = ResidualConfig(feature_size=3, num_codes=15, levels=3, share=False, dim=-1)
-    params = vqfunc.init_residual_params(cfg, generator=generator)
+    params = vqfunc.residual.init_params(cfg, generator=generator)
     codes = torch.randint(5, (4, 2, 3), generator=generator)
     expected = torch.zeros(4, 2, 3)
     for level in range(3):
         expected += params.codebook[level][codes[..., level]]
-    torch.testing.assert_close(vqfunc.residual_dequantize(params, codes, cfg), expected)
+    torch.testing.assert_close(vqfunc.residual.dequantize(params, codes, cfg), expected)
 
 
 # --- residual error decreases with the number of levels, on real data -------------------------
@@ -219,13 +220,13 @@ def _fitted_error(levels: int, share: bool) -> tuple[float, torch.Tensor]:
     cfg = ResidualConfig(
         feature_size=64, num_codes=8 if share else 8 * levels, levels=levels, share=share, dim=-1
     )
-    params = vqfunc.init_residual_params(cfg, generator=torch.Generator().manual_seed(1))
+    params = vqfunc.residual.init_params(cfg, generator=torch.Generator().manual_seed(1))
     # The same warm-up seed for every number of levels: the first levels come out identical.
     warm = torch.Generator().manual_seed(0)
-    params = vqfunc.residual_warmup_params(
+    params = vqfunc.residual.warmup_params(
         params, train, cfg, method="kmeans", generator=warm, kmeans_iters=8
     )
-    z_q, out = vqfunc.residual_quantize(params, test, cfg)
+    z_q, out = vqfunc.residual.quantize(params, test, cfg)
     return float((test - z_q).square().mean()), out.distances.square().mean(0)
 
 
@@ -247,9 +248,9 @@ def test_shared_codebook_levels_reduce_the_residual_on_digits() -> None:
 
 def test_warmup_leaves_params_unchanged(generator: torch.Generator) -> None:
     cfg = ResidualConfig(feature_size=4, num_codes=6, levels=2, share=False, dim=-1)
-    params = vqfunc.init_residual_params(cfg, generator=generator)
+    params = vqfunc.residual.init_params(cfg, generator=generator)
     before = params.codebook.clone()
-    new = vqfunc.residual_warmup_params(params, torch.randn(50, 4, generator=generator), cfg)
+    new = vqfunc.residual.warmup_params(params, torch.randn(50, 4, generator=generator), cfg)
     assert torch.equal(params.codebook, before)
     assert new.codebook.shape == before.shape and not torch.equal(new.codebook, before)
 
@@ -268,16 +269,16 @@ def _one_hot_sum(codes: torch.Tensor, upstream: torch.Tensor, num: int) -> torch
 def test_sync_gradient_reaches_every_levels_code(generator: torch.Generator) -> None:
     nu = 0.7
     cfg = ResidualConfig(feature_size=5, num_codes=12, levels=3, share=False, dim=-1, sync_nu=nu)
-    params = vqfunc.init_residual_params(cfg, generator=generator, dtype=torch.float64)
+    params = vqfunc.residual.init_params(cfg, generator=generator, dtype=torch.float64)
     x = torch.randn(20, 5, generator=generator, dtype=torch.float64)
     w = torch.randn(20, 5, generator=generator, dtype=torch.float64)
 
     def objective(codebook: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        z_q, _ = vqfunc.residual_quantize(params._replace(codebook=codebook), x, cfg)
+        z_q, _ = vqfunc.residual.quantize(params._replace(codebook=codebook), x, cfg)
         return (z_q * w).sum()  # the loss is left out to isolate the synchronized term
 
     grad_codebook, grad_x = torch.func.grad(objective, argnums=(0, 1))(params.codebook, x)
-    _, out = vqfunc.residual_quantize(params, x, cfg)
+    _, out = vqfunc.residual.quantize(params, x, cfg)
     for level in range(cfg.levels):
         expected = nu * _one_hot_sum(out.codes[:, level], w, cfg.codes_per_book)
         torch.testing.assert_close(grad_codebook[level], expected)
@@ -287,18 +288,18 @@ def test_sync_gradient_reaches_every_levels_code(generator: torch.Generator) -> 
 def test_affine_with_zero_raw_params_changes_nothing(generator: torch.Generator) -> None:
     base = ResidualConfig(feature_size=4, num_codes=8, levels=2, share=True, dim=-1)
     affine = base.replace(affine_lr=5.0, affine_groups=2)
-    params = vqfunc.init_residual_params(base, generator=generator)
-    affine_params = vqfunc.init_residual_params(affine)._replace(codebook=params.codebook)
+    params = vqfunc.residual.init_params(base, generator=generator)
+    affine_params = vqfunc.residual.init_params(affine)._replace(codebook=params.codebook)
     assert affine_params.affine_scale.shape == (2, 4)
     x = torch.randn(10, 4, generator=generator)
-    z_q, out = vqfunc.residual_quantize(params, x, base)
-    z_q_affine, out_affine = vqfunc.residual_quantize(affine_params, x, affine)
+    z_q, out = vqfunc.residual.quantize(params, x, base)
+    z_q_affine, out_affine = vqfunc.residual.quantize(affine_params, x, affine)
     assert torch.equal(z_q, z_q_affine) and torch.equal(out.codes, out_affine.codes)
 
 
 def test_separate_affine_acts_per_level(generator: torch.Generator) -> None:
     cfg = ResidualConfig(feature_size=3, num_codes=8, levels=2, share=False, dim=-1, affine_lr=2.0)
-    params = vqfunc.init_residual_params(cfg, generator=generator, dtype=torch.float64)
+    params = vqfunc.residual.init_params(cfg, generator=generator, dtype=torch.float64)
     params = params._replace(
         affine_scale=torch.randn(2, 1, 3, generator=generator, dtype=torch.float64),
         affine_bias=torch.randn(2, 1, 3, generator=generator, dtype=torch.float64),
@@ -309,16 +310,16 @@ def test_separate_affine_acts_per_level(generator: torch.Generator) -> None:
         scale = 1 + 2.0 * params.affine_scale[level, 0]
         bias = 2.0 * params.affine_bias[level, 0]
         expected += scale * params.codebook[level][codes[:, level]] + bias
-    torch.testing.assert_close(vqfunc.residual_dequantize(params, codes, cfg), expected)
+    torch.testing.assert_close(vqfunc.residual.dequantize(params, codes, cfg), expected)
 
 
 def test_mask_excludes_rows_from_loss_and_histogram(generator: torch.Generator) -> None:
     cfg = ResidualConfig(feature_size=4, num_codes=6, levels=2, share=True, dim=-1)
-    params = vqfunc.init_residual_params(cfg, generator=generator)
+    params = vqfunc.residual.init_params(cfg, generator=generator)
     x = torch.randn(9, 4, generator=generator)
     mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
-    z_q, out = vqfunc.residual_quantize(params, x, cfg, mask=mask)
-    _, kept = vqfunc.residual_quantize(params, x[mask], cfg)
+    z_q, out = vqfunc.residual.quantize(params, x, cfg, mask=mask)
+    _, kept = vqfunc.residual.quantize(params, x[mask], cfg)
     torch.testing.assert_close(out.loss, kept.loss)
     torch.testing.assert_close(out.histogram, kept.histogram)
     assert out.histogram.sum() == 2 * int(mask.sum())
@@ -334,7 +335,7 @@ def test_functional_call_on_the_shim_equals_the_pure_call(generator: torch.Gener
     params = VQParams(*(torch.randn(p.shape, generator=generator) for p in layer.params))
     x = torch.randn(2, 8, 3, generator=generator)
     z_q, misc = torch.func.functional_call(layer, params._asdict(), (x,))
-    z_q_pure, out = vqfunc.residual_quantize(params, x, layer.cfg)
+    z_q_pure, out = vqfunc.residual.quantize(params, x, layer.cfg)
     torch.testing.assert_close(z_q, z_q_pure)
     assert torch.equal(misc["codes"], out.codes) and misc["codes"].shape == (2, 3, 3)
     assert misc["q"] is misc["codes"] and misc["z_res"] is misc["residuals"]
@@ -377,22 +378,24 @@ def test_config_refuses_a_non_int_dim() -> None:
 
 def test_call_errors_name_the_argument(generator: torch.Generator) -> None:
     cfg = ResidualConfig(feature_size=4, num_codes=6, levels=2, share=False, dim=-1)
-    params = vqfunc.init_residual_params(cfg, generator=generator)
-    with pytest.raises(TypeError, match=r"cfg must be a ResidualConfig.*use vqfunc\.quantize"):
-        vqfunc.residual_quantize(
+    params = vqfunc.residual.init_params(cfg, generator=generator)
+    with pytest.raises(
+        TypeError, match=r"cfg must be a vqfunc\.residual\.ResidualConfig.*functions of vqfunc\)"
+    ):
+        vqfunc.residual.quantize(
             params, torch.randn(3, 4), vqfunc.VQConfig(feature_size=4, num_codes=6)
         )
     with pytest.raises(ValueError, match=r"x has 5 features on dim=-1"):
-        vqfunc.residual_quantize(params, torch.randn(3, 5), cfg)
-    other = vqfunc.init_residual_params(cfg.replace(share=True))
+        vqfunc.residual.quantize(params, torch.randn(3, 5), cfg)
+    other = vqfunc.residual.init_params(cfg.replace(share=True))
     with pytest.raises(
         ValueError, match=r"params.codebook has shape \(6, 4\).*levels=2.*\(2, 3, 4\)"
     ):
-        vqfunc.residual_quantize(other, torch.randn(3, 4), cfg)
+        vqfunc.residual.quantize(other, torch.randn(3, 4), cfg)
     with pytest.raises(ValueError, match="trailing axis of size levels=2"):
-        vqfunc.residual_dequantize(params, torch.zeros(3, dtype=torch.long), cfg)
+        vqfunc.residual.dequantize(params, torch.zeros(3, dtype=torch.long), cfg)
     with pytest.raises(TypeError, match="integer tensor"):
-        vqfunc.residual_dequantize(params, torch.zeros(3, 2), cfg)
+        vqfunc.residual.dequantize(params, torch.zeros(3, 2), cfg)
     with pytest.raises(ValueError, match="groups=2 and levels=3"):
         ResidualVectorQuantize(4, 6, 2, levels=3)
 
@@ -408,12 +411,12 @@ def test_no_vq_turns_the_residual_layer_into_an_identity(generator: torch.Genera
 
 def test_vmap_over_param_sets_equals_a_loop(generator: torch.Generator) -> None:
     cfg = ResidualConfig(feature_size=6, num_codes=12, levels=3, share=False, dim=-1, sync_nu=0.5)
-    sets = [vqfunc.init_residual_params(cfg, generator=generator) for _ in range(3)]
+    sets = [vqfunc.residual.init_params(cfg, generator=generator) for _ in range(3)]
     stacked = VQParams(*(torch.stack(fields) for fields in zip(*sets, strict=True)))
     x = torch.randn(10, 6, generator=generator)
-    z_q, out = torch.func.vmap(lambda p: vqfunc.residual_quantize(p, x, cfg))(stacked)
+    z_q, out = torch.func.vmap(lambda p: vqfunc.residual.quantize(p, x, cfg))(stacked)
     for i, params in enumerate(sets):
-        want_z_q, want = vqfunc.residual_quantize(params, x, cfg)
+        want_z_q, want = vqfunc.residual.quantize(params, x, cfg)
         torch.testing.assert_close(z_q[i], want_z_q)
         assert torch.equal(out.codes[i], want.codes)
         torch.testing.assert_close(out.loss[i], want.loss)
@@ -436,7 +439,7 @@ def test_kmeans_init_fits_once_on_the_first_training_batch(generator: torch.Gene
     torch.manual_seed(5)
     layer(x)
     torch.manual_seed(5)
-    want = vqfunc.residual_warmup_params(before, x, layer.cfg, method="kmeans")
+    want = vqfunc.residual.warmup_params(before, x, layer.cfg, method="kmeans")
     assert torch.equal(layer.codebook, want.codebook) and layer.kmeans_initialized
     layer(torch.randn(40, 4, generator=generator))  # fitted once only
     assert torch.equal(layer.codebook, want.codebook)

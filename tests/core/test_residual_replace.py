@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from vqfunc._replace import ReplaceRandomness, draw_replace_randomness
 
 
 def _reference_codes(
-    codebook: torch.Tensor, x: torch.Tensor, cfg: vqfunc.ResidualConfig
+    codebook: torch.Tensor, x: torch.Tensor, cfg: vqfunc.residual.ResidualConfig
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Brute-force residual search in float64: per level, the searched residual and its code."""
     residual = x.double()
@@ -26,23 +27,22 @@ def _reference_codes(
 
 
 def _run_steps(
-    cfg: vqfunc.ResidualConfig,
+    cfg: vqfunc.residual.ResidualConfig,
     data: list[torch.Tensor],
     masks: list[torch.Tensor | None],
     seed: int = 0,
 ) -> None:
-    """Run `residual_update_state` step by step and check each step against the reference."""
+    """Run `vqfunc.residual.update_state` step by step, checking each step against the reference."""
     g = torch.Generator().manual_seed(seed)
-    params = vqfunc.init_residual_params(cfg, generator=g)
-    state = vqfunc.init_residual_state(params, cfg)
+    params = vqfunc.residual.init_params(cfg, generator=g)
+    state = vqfunc.residual.init_state(params, cfg)
     k, period = cfg.codes_per_book, cfg.replace_freq
     counters = [[period] * k for _ in range(cfg.num_books)]
-    book_cfg = cfg.book_config()
     replacements = 0
     for x, mask in zip(data, masks, strict=True):
-        _, out = vqfunc.residual_quantize(params, x, cfg, mask=mask)
-        randomness = draw_replace_randomness(x.shape[0], book_cfg, generator=g)
-        old = effective_codebook(params, book_cfg).reshape(cfg.num_books, k, -1)
+        _, out = vqfunc.residual.quantize(params, x, cfg, mask=mask)
+        randomness = draw_replace_randomness(x.shape[0], cfg, generator=g)
+        old = effective_codebook(params, cfg).reshape(cfg.num_books, k, -1)
         searched, codes = _reference_codes(old[0] if cfg.share else old, x, cfg)
         valid = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask.bool()
         # Which codes each codebook's unmasked rows used, and its candidate residuals.
@@ -54,10 +54,10 @@ def _run_steps(
                 if valid[row]:
                     used[book].add(int(codes[level][row]))
                     pools[book].append(searched[level][row])
-        params, state = vqfunc.residual_update_state(
+        params, state = vqfunc.residual.update_state(
             params, state, out, cfg, mask=mask, randomness=randomness
         )
-        new = effective_codebook(params, book_cfg).reshape(cfg.num_books, k, -1).double()
+        new = effective_codebook(params, cfg).reshape(cfg.num_books, k, -1).double()
         for b in range(cfg.num_books):
             pool = torch.stack(pools[b]) if pools[b] else torch.zeros(0, new.shape[-1])
             for j in range(k):
@@ -73,14 +73,14 @@ def _run_steps(
                 expected = pool + cfg.replace_rho * pool.norm(dim=-1, keepdim=True) * noise
                 gap = (expected - new[b, j]).norm(dim=-1).min()
                 assert gap < 1e-4 * (1 + new[b, j].norm()), (b, j, float(gap))
-        assert state.replace_counters.tolist() == counters
+        assert state.replace.counters.tolist() == counters
     assert replacements > 0  # the data exercised the replacement
 
 
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("affine_lr", [0.0, 2.0])
 def test_steps_match_reference(share: bool, affine_lr: float) -> None:
-    cfg = vqfunc.ResidualConfig(
+    cfg = vqfunc.residual.ResidualConfig(
         feature_size=3,
         num_codes=12,
         levels=2,
@@ -97,26 +97,26 @@ def test_steps_match_reference(share: bool, affine_lr: float) -> None:
     _run_steps(cfg, data, masks)
 
 
-def _far_codebook_setup(share: bool) -> tuple[vqfunc.ResidualConfig, vqfunc.VQParams]:
+def _far_codebook_setup(share: bool) -> tuple[vqfunc.residual.ResidualConfig, vqfunc.VQParams]:
     """Code 0 of each codebook sits near the data, code 1 is near nothing, code 2 far away."""
-    cfg = vqfunc.ResidualConfig(
+    cfg = vqfunc.residual.ResidualConfig(
         feature_size=2, num_codes=3 if share else 6, levels=2, share=share, dim=-1,
         replace_freq=3, replace_rho=0.0,
     )  # fmt: skip
     book = torch.tensor([[0.0, 0.0], [-50.0, -50.0], [1000.0, 1000.0]])
     codebook = book if share else torch.stack([book, book])
-    return cfg, vqfunc.init_residual_params(cfg)._replace(codebook=codebook)
+    return cfg, vqfunc.residual.init_params(cfg)._replace(codebook=codebook)
 
 
 @pytest.mark.parametrize("share", [True, False])
 def test_unused_code_replaced_after_period_used_never(share: bool) -> None:
     cfg, params = _far_codebook_setup(share)
-    state = vqfunc.init_residual_state(params, cfg)
+    state = vqfunc.residual.init_state(params, cfg)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 2, generator=g)
     for step in range(1, 7):
-        _, out = vqfunc.residual_quantize(params, x, cfg)
-        params, state = vqfunc.residual_update_state(params, state, out, cfg, generator=g)
+        _, out = vqfunc.residual.quantize(params, x, cfg)
+        params, state = vqfunc.residual.update_state(params, state, out, cfg, generator=g)
         books = params.codebook.reshape(cfg.num_books, 3, 2)
         # Code 0 is picked at every level every step: never replaced.
         assert torch.equal(books[:, 0], torch.zeros(cfg.num_books, 2))
@@ -130,42 +130,42 @@ def test_unused_code_replaced_after_period_used_never(share: bool) -> None:
 
 
 def test_separate_codebooks_take_their_own_levels_residuals() -> None:
-    cfg = vqfunc.ResidualConfig(
+    cfg = vqfunc.residual.ResidualConfig(
         feature_size=2, num_codes=4, levels=2, share=False, dim=-1, replace_freq=1,
         replace_rho=0.0,
     )  # fmt: skip
     # Level 1's code 0 sits at the data (rows near 10), so level 2 sees residuals near 0.
     codebook = torch.tensor([[[10.0, 10.0], [-99.0, 0.0]], [[0.0, 0.0], [0.0, -99.0]]])
-    params = vqfunc.init_residual_params(cfg)._replace(codebook=codebook)
+    params = vqfunc.residual.init_params(cfg)._replace(codebook=codebook)
     g = torch.Generator().manual_seed(1)
     x = 10 + 0.1 * torch.randn(6, 2, generator=g)
-    _, out = vqfunc.residual_quantize(params, x, cfg)
-    state = vqfunc.init_residual_state(params, cfg)
-    params, _ = vqfunc.residual_update_state(params, state, out, cfg, generator=g)
+    _, out = vqfunc.residual.quantize(params, x, cfg)
+    state = vqfunc.residual.init_state(params, cfg)
+    params, _ = vqfunc.residual.update_state(params, state, out, cfg, generator=g)
     assert (x - params.codebook[0, 1]).norm(dim=-1).min() < 1e-6
     assert (x - 10 - params.codebook[1, 1]).norm(dim=-1).min() < 1e-6
 
 
 def test_shared_codebook_counts_a_use_at_any_level_and_pools_levels() -> None:
-    cfg = vqfunc.ResidualConfig(
+    cfg = vqfunc.residual.ResidualConfig(
         feature_size=2, num_codes=3, levels=2, share=True, dim=-1, replace_freq=1,
         replace_rho=0.0,
     )  # fmt: skip
     # Code 0 is used only by level 1, code 1 only by level 2; code 2 by no level.
     codebook = torch.tensor([[10.0, 10.0], [0.5, 0.5], [-500.0, 0.0]])
-    params = vqfunc.init_residual_params(cfg)._replace(codebook=codebook)
+    params = vqfunc.residual.init_params(cfg)._replace(codebook=codebook)
     x = torch.tensor([[10.5, 10.5], [10.6, 10.4]])
-    _, out = vqfunc.residual_quantize(params, x, cfg)
+    _, out = vqfunc.residual.quantize(params, x, cfg)
     assert out.codes.tolist() == [[0, 1], [0, 1]]
-    state = vqfunc.init_residual_state(params, cfg)
+    state = vqfunc.residual.init_state(params, cfg)
     for seed in range(8):
-        new, state2 = vqfunc.residual_update_state(
+        new, state2 = vqfunc.residual.update_state(
             params, state, out, cfg, generator=torch.Generator().manual_seed(seed)
         )
         assert torch.equal(new.codebook[:2], codebook[:2])
         pool = torch.cat([x, x - codebook[0]])  # residuals searched by levels 1 and 2
         assert (pool - new.codebook[2]).norm(dim=-1).min() < 1e-6
-        assert state2.replace_counters.tolist() == [[1, 1, 1]]
+        assert state2.replace.counters.tolist() == [[1, 1, 1]]
 
 
 def test_masked_rows_neither_use_nor_become_candidates() -> None:
@@ -173,10 +173,10 @@ def test_masked_rows_neither_use_nor_become_candidates() -> None:
     cfg = cfg.replace(replace_freq=1)
     x = torch.tensor([[0.1, 0.0], [-50.0, -50.0], [-49.0, -50.0]])
     mask = torch.tensor([True, False, False])
-    _, out = vqfunc.residual_quantize(params, x, cfg, mask=mask)
-    state = vqfunc.init_residual_state(params, cfg)
+    _, out = vqfunc.residual.quantize(params, x, cfg, mask=mask)
+    state = vqfunc.residual.init_state(params, cfg)
     for seed in range(5):
-        new, _ = vqfunc.residual_update_state(
+        new, _ = vqfunc.residual.update_state(
             params, state, out, cfg, mask=mask, generator=torch.Generator().manual_seed(seed)
         )
         # Code 1 was picked by masked rows only: it is dead and replaced by the unmasked
@@ -187,22 +187,22 @@ def test_masked_rows_neither_use_nor_become_candidates() -> None:
 
 
 def test_off_returns_inputs_and_bad_state_raises() -> None:
-    cfg = vqfunc.ResidualConfig(feature_size=2, num_codes=4, levels=2, dim=-1)
-    params = vqfunc.init_residual_params(cfg)
-    state = vqfunc.init_residual_state(params, cfg)
-    assert state.replace_counters.shape == (1, 0)
-    _, out = vqfunc.residual_quantize(params, torch.randn(3, 2), cfg)
-    new, new_state = vqfunc.residual_update_state(params, state, out, cfg)
+    cfg = vqfunc.residual.ResidualConfig(feature_size=2, num_codes=4, levels=2, dim=-1)
+    params = vqfunc.residual.init_params(cfg)
+    state = vqfunc.residual.init_state(params, cfg)
+    assert state.replace.counters.shape == (1, 0)
+    _, out = vqfunc.residual.quantize(params, torch.randn(3, 2), cfg)
+    new, new_state = vqfunc.residual.update_state(params, state, out, cfg)
     assert new is params and new_state is state
     on = cfg.replace(replace_freq=2)
-    with pytest.raises(ValueError, match=r"state\.replace_counters is \(1, 0\).*\(1, 4\)"):
-        vqfunc.residual_update_state(params, state, out, on)
+    with pytest.raises(ValueError, match=r"state\.replace\.counters is \(1, 0\).*\(1, 4\)"):
+        vqfunc.residual.update_state(params, state, out, on)
     with pytest.raises(TypeError, match="state must be a ResidualState"):
-        vqfunc.residual_update_state(params, (state.replace_counters,), out, on)  # type: ignore[arg-type]
+        vqfunc.residual.update_state(params, (state.replace.counters,), out, on)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ResidualConfig: replace_freq must be an int >= 0"):
-        vqfunc.ResidualConfig(feature_size=2, num_codes=4, replace_freq=-1)
+        vqfunc.residual.ResidualConfig(feature_size=2, num_codes=4, replace_freq=-1)
     with pytest.raises(ValueError, match="ResidualConfig: replace_rho must be a number >= 0"):
-        vqfunc.ResidualConfig(feature_size=2, num_codes=4, replace_rho=-1.0)
+        vqfunc.residual.ResidualConfig(feature_size=2, num_codes=4, replace_rho=-1.0)
 
 
 class _RecordingSync:
@@ -223,14 +223,15 @@ class _RecordingSync:
 def test_sync_reduces_histogram_and_shares_candidates() -> None:
     cfg, params = _far_codebook_setup(share=False)
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(2))
-    _, out = vqfunc.residual_quantize(params, x, cfg)
-    state = vqfunc.init_residual_state(params, cfg)
-    randomness: ReplaceRandomness = draw_replace_randomness(5, cfg.book_config())
+    _, out = vqfunc.residual.quantize(params, x, cfg)
+    state = vqfunc.residual.init_state(params, cfg)
+    randomness: ReplaceRandomness = draw_replace_randomness(5, cfg)
     sync = _RecordingSync()
-    a = vqfunc.residual_update_state(params, state, out, cfg, randomness=randomness, sync=sync)
-    b = vqfunc.residual_update_state(params, state, out, cfg, randomness=randomness)
+    a = vqfunc.residual.update_state(params, state, out, cfg, randomness=randomness, sync=sync)
+    b = vqfunc.residual.update_state(params, state, out, cfg, randomness=randomness)
     assert sync.calls == ["reduce_sum", "share_candidates"]
-    assert all(torch.equal(p, q) for p, q in zip(a[0] + a[1], b[0] + b[1], strict=True))
+    leaves = zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True)
+    assert all(torch.equal(p, q) for p, q in leaves)
 
 
 def _layer(**kw: object) -> vqfunc.ResidualVectorQuantize:
@@ -244,18 +245,18 @@ def _layer(**kw: object) -> vqfunc.ResidualVectorQuantize:
 def test_layer_matches_functional_steps_and_only_trains(share: bool) -> None:
     layer = _layer(share=share)
     params = vqfunc.VQParams(*(p.detach().clone() for p in layer.params))
-    state = vqfunc.init_residual_state(params, layer.cfg)
+    state = vqfunc.residual.init_state(params, layer.cfg)
     g = torch.Generator().manual_seed(5)
     batches = [torch.randn(3, 3, generator=g) for _ in range(5)]
     for x in batches:
         torch.manual_seed(11)
         _, misc = layer(x)
-        _, out = vqfunc.residual_quantize(params, x, layer.cfg)
+        _, out = vqfunc.residual.quantize(params, x, layer.cfg)
         torch.manual_seed(11)
-        params, state = vqfunc.residual_update_state(params, state, out, layer.cfg)
+        params, state = vqfunc.residual.update_state(params, state, out, layer.cfg)
         assert torch.equal(misc["codes"], out.codes)
         assert torch.equal(layer.codebook, params.codebook)
-        assert torch.equal(layer.replace_counters, state.replace_counters)
+        assert torch.equal(layer.replace_counters, state.replace.counters)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.eval()
     layer(torch.randn(3, 3, generator=g))

@@ -103,7 +103,7 @@ def test_affine_search_and_gradients_use_the_effective_codes(case: dict[str, obj
 
     def objective(params: vqfunc.VQParams) -> torch.Tensor:
         _, out = vqfunc.quantize(params, x, cfg)
-        return (out.z_q * w).sum()  # the selected codes themselves, before the estimator
+        return (out.codewords * w).sum()  # the selected codes themselves, before the estimator
 
     grads = torch.func.grad(objective)(params)
     _, out = vqfunc.quantize(params, x, cfg)
@@ -294,9 +294,9 @@ def test_rotation_with_sync_through_quantize() -> None:
 
     grad_codebook, grad_x = torch.func.grad(task, argnums=(0, 1))(params.codebook, x)
     z_q, out = vqfunc.quantize(params, x, cfg)
-    assert torch.equal(z_q, out.z_q)
+    assert torch.equal(z_q, out.codewords)
     for i in range(8):
-        code = out.z_q[i]
+        code = out.codewords[i]
         lam = code.norm() / x[i].norm()
         expected = lam * _rotation_matrix(x[i], code).T @ w[i]
         torch.testing.assert_close(grad_x[i], expected)

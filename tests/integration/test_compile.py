@@ -74,12 +74,12 @@ def test_compiled_functional_training_step(dynamo_counters: Any) -> None:
     eager = run_functional(functional_step)
     for (p, s, e), (p_ref, s_ref, e_ref) in zip(compiled, eager, strict=True):
         torch.testing.assert_close(p.codebook, p_ref.codebook, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(s.ema_counts, s_ref.ema_counts, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(s.ema_sums, s_ref.ema_sums, rtol=1e-5, atol=1e-5)
-        assert torch.equal(s.replace_counters, s_ref.replace_counters)
+        torch.testing.assert_close(s.ema.counts, s_ref.ema.counts, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s.ema.sums, s_ref.ema.sums, rtol=1e-5, atol=1e-5)
+        assert torch.equal(s.replace.counters, s_ref.replace.counters)
         torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5)
     # The steps did move the state (so that the comparison above means something).
-    counters = [s.replace_counters for _, s, _ in eager]
+    counters = [s.replace.counters for _, s, _ in eager]
     assert not all(torch.equal(counters[0], c) for c in counters[1:])
 
 

@@ -166,20 +166,20 @@ def test_synced_update_sums_statistics_and_picks_candidates_by_rank(
     counts = sum(r["stats"].counts.double() for r in results)
     sums = sum(r["stats"].sums.double() for r in results)
     decay = cfg.ema_decay
-    expected_counts = decay * state.ema_counts.double() + (1 - decay) * counts
-    expected_sums = decay * state.ema_sums.double() + (1 - decay) * sums
+    expected_counts = decay * state.ema.counts.double() + (1 - decay) * counts
+    expected_sums = decay * state.ema.sums.double() + (1 - decay) * sums
     params_ema, _ = ema_update(
-        params, EMAState(state.ema_counts, state.ema_sums), EMAStatistics(counts, sums), cfg
+        params, EMAState(state.ema.counts, state.ema.sums), EMAStatistics(counts, sums), cfg
     )
     synced_params, synced_state = results[0]["synced"]
     used = sum(r["histogram"] for r in results) > 0
     replaced = ~used  # replace_freq=1: every code unused on all ranks is replaced
     assert replaced.any() and used.any()
     torch.testing.assert_close(
-        synced_state.ema_counts[used].double(), expected_counts[used], rtol=1e-6, atol=1e-6
+        synced_state.ema.counts[used].double(), expected_counts[used], rtol=1e-6, atol=1e-6
     )
     torch.testing.assert_close(
-        synced_state.ema_sums[used].double(), expected_sums[used], rtol=1e-6, atol=1e-6
+        synced_state.ema.sums[used].double(), expected_sums[used], rtol=1e-6, atol=1e-6
     )
     codes = synced_params.codebook
     torch.testing.assert_close(codes[used[0]], params_ema.codebook[used[0]], rtol=1e-5, atol=1e-6)
@@ -187,7 +187,7 @@ def test_synced_update_sums_statistics_and_picks_candidates_by_rank(
     for k in torch.nonzero(replaced[0]).flatten().tolist():
         owner = results[k % WORLD]["candidates"]
         assert torch.equal(codes[k], owner.vectors[0, k])
-    assert synced_state.replace_counters.eq(cfg.replace_freq).all()
+    assert synced_state.replace.counters.eq(cfg.replace_freq).all()
 
 
 class _FakeGather(vqdist.ProcessGroupSync):
@@ -237,7 +237,7 @@ def test_single_process_issues_no_collective(monkeypatch: pytest.MonkeyPatch) ->
     for _ in range(3):
         layer(torch.randn(16, 4))
     cfg = layer.cfg
-    params = vqdist.warmup_params(layer.params, torch.randn(20, 4), cfg)
+    params = vqfunc.warmup_params(layer.params, torch.randn(20, 4), cfg, sync=vqdist.sync_for())
     update_state(
         params, init_state(params, cfg), vqfunc.quantize(params, torch.randn(5, 4), cfg)[1], cfg
     )
@@ -250,13 +250,20 @@ def test_single_process_warmup_equals_the_core_warmup() -> None:
     x = torch.randn(30, 4, generator=torch.Generator().manual_seed(1))
     mask = torch.arange(30) % 3 != 0
     for method in ("data", "kmeans"):
-        got = vqdist.warmup_params(
-            params, x, cfg, method=method, mask=mask, generator=torch.Generator().manual_seed(2)
+        got = vqfunc.warmup_params(
+            params,
+            x,
+            cfg,
+            method=method,
+            mask=mask,
+            generator=torch.Generator().manual_seed(2),
+            sync=vqdist.sync_for(),
         )
         want = vqfunc.warmup_params(
             params, x[mask], cfg, method=method, generator=torch.Generator().manual_seed(2)
         )
         assert torch.equal(got.codebook, want.codebook)
-    assert vqdist.fit_codebook(params, x[:0], cfg) is None
-    with pytest.raises(ValueError, match="no vectors on any rank"):
-        vqdist.warmup_params(params, x, cfg, mask=torch.zeros(30, dtype=torch.bool))
+    with pytest.raises(ValueError, match="holds no vectors"):
+        vqfunc.warmup_params(params, x[:0], cfg)
+    with pytest.raises(ValueError, match=r"holds no vectors \(shape \(30, 4\), masked\)"):
+        vqfunc.warmup_params(params, x, cfg, mask=torch.zeros(30, dtype=torch.bool))

@@ -139,9 +139,9 @@ def test_func_grad_and_vmap_over_codebooks_equal_a_loop(
 def _reference_quantize(
     params: vqfunc.VQParams, x: torch.Tensor, cfg: VQConfig, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`quantize`'s output, loss and out.z_q from its codes, by the simple composition."""
+    """`quantize`'s output, loss and out.codewords from its codes, by the simple composition."""
     _, out = vqfunc.quantize(params, x, cfg)
-    rows, layout = to_rows(x, cfg)
+    rows, layout = to_rows(x, cfg.dim, cfg.groups)
     codebook = effective_codebook(params, cfg)
     if cfg.dist == "cosine":
         rows, codebook = F.normalize(rows, dim=-1), F.normalize(codebook, dim=-1)
@@ -187,7 +187,7 @@ def test_quantize_equals_the_simple_composition(
     def objective(params: vqfunc.VQParams, x: torch.Tensor, fused: bool) -> torch.Tensor:
         if fused:
             z_q, out = vqfunc.quantize(params, x, cfg, mask=mask)
-            loss, user_z_q = out.loss, out.z_q
+            loss, user_z_q = out.loss, out.codewords
         else:
             z_q, loss, user_z_q = _reference_quantize(params, x, cfg, mask)
         return (z_q * g_x).sum() + 2.0 * loss + (user_z_q * g_q).sum()
@@ -198,7 +198,7 @@ def test_quantize_equals_the_simple_composition(
     z_q, out = vqfunc.quantize(params, x, cfg, mask=mask)
     want_z_q, want_loss, want_user = _reference_quantize(params, x, cfg, mask)
     assert torch.equal(z_q, want_z_q)
-    assert torch.equal(out.z_q, want_user)
+    assert torch.equal(out.codewords, want_user)
     torch.testing.assert_close(out.loss, want_loss)
 
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from vqfunc import ResidualVectorQuantize, VectorQuantize, VQParams, residual_warmup_params
+from vqfunc import ResidualVectorQuantize, VectorQuantize, VQParams
 from vqfunc.inits import codebook_warmup
+from vqfunc.residual import warmup_params as residual_warmup_params
 
 
 def close_to_some_row(rows: torch.Tensor, table: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:

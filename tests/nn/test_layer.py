@@ -46,8 +46,9 @@ def test_misc_carries_vqtorchs_keys() -> None:
     x = torch.randn(3, 8, 5)
     _, misc = vq(x)
     _, out = vqfunc.quantize(vq.params, x, vq.cfg)
-    for key in ("loss", "codes", "distances", "perplexity", "z", "z_q", "histogram"):
+    for key in ("loss", "codes", "distances", "perplexity", "z", "codewords", "histogram"):
         assert torch.equal(misc[key], getattr(out, key)), key
+    assert misc["z_q"] is misc["codewords"]  # vqtorch's key
     assert misc["q"] is misc["codes"] and misc["d"] is misc["distances"]
     assert misc["codes"].shape == (3, 5, 2)
     assert 1.0 <= float(misc["perplexity"]) <= 16.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import optree
 import torch
 
 import vqfunc
@@ -32,12 +33,15 @@ def _train(layer: vqfunc.VectorQuantize, batches: list[torch.Tensor], seed: int)
 def test_state_buffers_are_named_like_the_record_and_persistent() -> None:
     layer = vqfunc.VectorQuantize(6, 8, **_TRAINING)
     keys = set(layer.state_dict())
-    assert set(vqfunc.VQState._fields) <= keys
+    names = {"ema_counts", "ema_sums", "replace_counters"}  # `<technique>_<field>`
+    assert names <= keys
     assert "kmeans_initialized" in keys
-    for name in vqfunc.VQState._fields:
-        assert getattr(layer.state, name) is getattr(layer, name)
+    assert layer.state.ema.counts is layer.ema_counts
+    assert layer.state.ema.sums is layer.ema_sums
+    assert layer.state.replace.counters is layer.replace_counters
     expected = vqfunc.init_state(vqfunc.VQParams(*(p.detach() for p in layer.params)), layer.cfg)
-    for a, b in zip(layer.state, expected, strict=True):
+    leaves = zip(optree.tree_leaves(layer.state), optree.tree_leaves(expected), strict=True)
+    for a, b in leaves:
         torch.testing.assert_close(a, b)
 
 
@@ -107,7 +111,9 @@ def test_updates_follow_the_tensors_after_a_dtype_move() -> None:
 
 def test_load_state_copies_a_record() -> None:
     layer = vqfunc.VectorQuantize(6, 8, replace_freq=5)
-    state = layer.state._replace(replace_counters=torch.full((1, 8), 2, dtype=torch.long))
+    state = layer.state._replace(
+        replace=vqfunc.ReplaceState(torch.full((1, 8), 2, dtype=torch.long))
+    )
     layer.load_state(state)
     assert layer.replace_counters.tolist() == [[2] * 8]
 
@@ -116,7 +122,7 @@ def test_functional_step_matches_the_layer() -> None:
     """quantize + update_state threaded by hand equals the layer's training forward."""
     layer = vqfunc.VectorQuantize(6, 8, replace_freq=2, ema_decay=0.8, groups=2, share=False)
     params = vqfunc.VQParams(*(p.detach().clone() for p in layer.params))
-    state = vqfunc.VQState(*(t.clone() for t in layer.state))
+    state = optree.tree_map(torch.clone, layer.state)
     for i, x in enumerate(_batches(4)):
         torch.manual_seed(i)
         z_ref, out = vqfunc.quantize(params, x, layer.cfg)

@@ -15,7 +15,7 @@ Scenarios:
     resume: a fresh process loads that checkpoint and trains the second half.
     compiled: a compiled functional step with `sync=` (run by hand; compiling is slow).
     empty: one rank's batch is empty on the first step (the k-means warm-up step) and fully
-        masked on another; also the functional API (`distributed.warmup_params`,
+        masked on another; also the functional API (`warmup_params(sync=)`,
         `update_state(sync=)`) with one empty rank, against single-process references.
 """
 
@@ -158,7 +158,7 @@ def errors_reach_every_rank(rank: int) -> list[str]:
     if rank == 1:
         x[2, 1] = float("nan")
     try:
-        vqdist.warmup_params(params, x, cfg)
+        vqfunc.warmup_params(params, x, cfg, sync=vqdist.sync_for())
     except ValueError as exc:
         caught.append(f"ValueError: {exc}")
 
@@ -166,7 +166,9 @@ def errors_reach_every_rank(rank: int) -> list[str]:
         raise ArithmeticError("fit failed")
 
     try:
-        vqdist.fit_across_ranks(torch.randn(5, 4), params.codebook, fit)
+        sync = vqdist.sync_for()
+        assert sync is not None
+        sync.fit_on_first_rank(torch.randn(5, 4), params.codebook, fit)
     except (ArithmeticError, RuntimeError) as exc:
         caught.append(f"{type(exc).__name__}: {exc}")
     return caught
@@ -197,8 +199,13 @@ def functional_step(rank: int, size: int) -> dict[str, object]:
     x = torch.randn(size, 4, generator=g) + 2.0 * rank
     everyone = [torch.empty(0)] * world
     dist.all_gather_object(everyone, x)  # only for the reference below
-    warm = vqdist.warmup_params(
-        params, x, cfg, method="kmeans", generator=torch.Generator().manual_seed(3 + rank)
+    warm = vqfunc.warmup_params(
+        params,
+        x,
+        cfg,
+        method="kmeans",
+        generator=torch.Generator().manual_seed(3 + rank),
+        sync=vqdist.sync_for(),
     )
     # Reference: the first rank's generator on the data of all ranks, in rank order.
     warm_ref = vqfunc.warmup_params(
@@ -253,7 +260,7 @@ def scenario_compiled(rank: int, out: Path) -> None:
             eager = step(*eager, x, randomness)
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(params.codebook, eager[0].codebook, rtol=1e-5, atol=1e-5)
-    assert torch.equal(state.replace_counters, eager[1].replace_counters)
+    assert torch.equal(state.replace.counters, eager[1].replace.counters)
     torch.save({"params": params, "state": state}, out / f"compiled_rank{rank}.pt")
 
 

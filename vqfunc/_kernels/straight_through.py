@@ -182,7 +182,7 @@ def straight_through_with_loss(
         out: `[R, d]` with value `codebook[codes]`; its gradient reaches `z` as the identity and
             the selected codes times `nu`.
         z_q: `[R, d]` `codebook[codes]`, differentiable with respect to the codebook only (as
-            `QuantizeOutput.z_q`, from which users compute their own losses).
+            `QuantizeOutput.codewords`, from which users compute their own losses).
         loss: scalar commitment loss; 0 for an empty (or fully masked) batch.
     """
     if weights is not None:

@@ -1,8 +1,9 @@
 """Plumbing shared by the `nn.Module` shims (`VectorQuantize`, `ResidualVectorQuantize`).
 
 A shim holds the params as `nn.Parameter`s named like the fields of `VQParams` and its
-training state as persistent buffers named by `_STATE_NAMES`; it mutates them only in training
-mode and only while they are its own tensors (not those `torch.func.functional_call` swapped in).
+training state as persistent buffers named `<technique>_<field>` after the nested state record
+(`ema_counts`, `ema_sums`, `replace_counters`); it mutates them only in training mode and only
+while they are its own tensors (not those `torch.func.functional_call` swapped in).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from vqfunc._params import VQParams
+from vqfunc._state import state_buffers, state_from_buffers
 from vqfunc.distributed import sync_for
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ _PARAM_NAMES = VQParams._fields
 class QuantizerShim(nn.Module):
     """Base of the layer shims: params view, own-tensor tracking, k-means flag mirror."""
 
-    _STATE_NAMES: tuple[str, ...] = ()
+    _state_names: tuple[str, ...]
 
     codebook: nn.Parameter
     affine_scale: nn.Parameter
@@ -36,14 +38,18 @@ class QuantizerShim(nn.Module):
     def _register_tensors(
         self, params: VQParams, state: NamedTuple, *, frozen_codebook: bool = False
     ) -> None:
-        """Register `params` as parameters, `state`'s fields and the k-means flag as buffers."""
+        """Register `params` as parameters, `state`'s tensors and the k-means flag as buffers."""
         for name, value in params._asdict().items():
             # Empty affine parameters (affine off) take no gradient: DistributedDataParallel
             # would otherwise wait for their gradients and fail.
             trainable = value.numel() > 0 and not (frozen_codebook and name == "codebook")
             self.register_parameter(name, nn.Parameter(value, requires_grad=trainable))
-        for name, value in state._asdict().items():
+        buffers = state_buffers(state)
+        for name, value in buffers.items():
             self.register_buffer(name, value)
+        self._state_names = tuple(buffers)
+        # The state's structure only (no tensors), to view the buffers as a state record.
+        self.__dict__["_state_structure"] = state_from_buffers(state, lambda name, value: None)
         self.register_buffer(
             "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
         )
@@ -51,6 +57,11 @@ class QuantizerShim(nn.Module):
         self._kmeans_done: bool | None = None  # Python mirror of the buffer: no device reads
         self._remember_own_tensors()
         self.register_load_state_dict_post_hook(_after_load)
+
+    def _state_view(self) -> Any:
+        """The buffers as the nested state record (the layer's own tensors, not copies)."""
+        structure = self.__dict__["_state_structure"]
+        return state_from_buffers(structure, lambda name, value: getattr(self, name))
 
     @property
     def params(self) -> VQParams:
@@ -80,8 +91,8 @@ class QuantizerShim(nn.Module):
     def _write(self, params: VQParams | None, state: NamedTuple) -> None:
         if params is not None:
             self.codebook.copy_(params.codebook)
-        for name in self._STATE_NAMES:
-            getattr(self, name).copy_(getattr(state, name))
+        for name, value in state_buffers(state).items():
+            getattr(self, name).copy_(value)
 
     def _quantize_and_update(
         self,
@@ -124,7 +135,7 @@ class QuantizerShim(nn.Module):
 
     def _bound_tensors(self) -> tuple[Tensor | None, ...]:
         params = tuple(self._parameters.get(name) for name in _PARAM_NAMES)
-        names = (*self._STATE_NAMES, "kmeans_initialized")
+        names = (*self._state_names, "kmeans_initialized")
         return params + tuple(self._buffers.get(name) for name in names)
 
     def _holds_own_tensors(self) -> bool:

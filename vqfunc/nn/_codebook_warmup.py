@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vqfunc import distributed
 from vqfunc._params import VQParams
-from vqfunc._progress import progress
 from vqfunc._warmup import WarmupMethod
+from vqfunc._warmup import warmup_params as vqfunc_warmup_params
 from vqfunc.nn._residual_vector_quantize import ResidualVectorQuantize
 from vqfunc.nn._vector_quantize import VectorQuantize
-from vqfunc.residual._quantize import residual_warmup_params
+from vqfunc.residual._warmup import warmup_params as residual_warmup_params
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -59,7 +60,7 @@ def codebook_warmup(
     """Warm the codebooks of every VQ layer in `model` from `num_batch` batches.
 
     The VQ layers are the `VectorQuantize` layers (fitted with `warmup_params`) and the
-    `ResidualVectorQuantize` layers (fitted level after level with `residual_warmup_params`).
+    `ResidualVectorQuantize` layers (fitted level after level with `vqfunc.residual.warmup_params`).
 
     Layers are warmed one after the other in the order the forward pass reaches them, so a
     later layer sees the output of the already warmed earlier ones. For each layer the forward
@@ -74,7 +75,7 @@ def codebook_warmup(
         max_vectors: vectors kept per layer.
         generator: source of randomness for the subsets and the warm-up.
         inputs: maps a batch to the model's input (default: the batch, or its first item).
-        progress_bar: draw a progress bar on stderr.
+        progress_bar: show a progress bar (`tqdm.auto`: a widget in notebooks, text on stderr).
         process_group: under `torch.distributed`, the ranks that warm up together (default:
             the world group): each rank collects from its own loader, the first rank fits every
             codebook on the vectors of all ranks and broadcasts it (`vqfunc.distributed`).
@@ -143,23 +144,15 @@ def _fit(
     group: ProcessGroup | None,
 ) -> VQParams:
     """New params of `layer` fitted to `rows` `[M, F]` (of every rank, under distributed)."""
-    if isinstance(layer, VectorQuantize):
-        cfg = layer.cfg.replace(dim=-1)
-        return distributed.warmup_params(
-            layer.params, rows, cfg, method=method, generator=generator, group=group
-        )
-    params, residual_cfg = layer.params, layer.cfg.replace(dim=-1)
-
-    def fit(data: Tensor) -> Tensor:
-        fitted = residual_warmup_params(
-            params, data, residual_cfg, method=method, generator=generator
-        )
-        return fitted.codebook
-
-    codebook = distributed.fit_across_ranks(rows, params.codebook, fit, group=group)
-    if codebook is None:
-        raise ValueError("codebook_warmup: no rank collected a vector for a residual layer")
-    return params._replace(codebook=codebook)
+    warmup = vqfunc_warmup_params if isinstance(layer, VectorQuantize) else residual_warmup_params
+    return warmup(
+        layer.params,
+        rows,
+        layer.cfg.replace(dim=-1),  # type: ignore[arg-type]
+        method=method,
+        generator=generator,
+        sync=distributed.sync_for(group),
+    )
 
 
 def _forward_order(
@@ -220,7 +213,7 @@ def _collect_inputs(
     hook = layer.register_forward_pre_hook(capture)
     try:
         batches = itertools.islice(loader, num_batch)
-        for batch in progress(batches, total=total, desc=desc, enable=progress_bar):
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress_bar):
             try:
                 with torch.no_grad():
                     model(_to_device(inputs(batch), device))

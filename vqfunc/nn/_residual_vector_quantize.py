@@ -1,9 +1,9 @@
-"""`ResidualVectorQuantize`: the `nn.Module` shim over `residual_quantize`.
+"""`ResidualVectorQuantize`: the `nn.Module` shim over `vqfunc.residual.quantize`.
 
 The layer holds the params as `nn.Parameter`s named like the fields of `VQParams` and the
-training state as a persistent buffer named like the field of `ResidualState`, so
-`torch.func.functional_call(layer, params._asdict(), (x,))` equals
-`vqfunc.residual_quantize(params, x, layer.cfg)`.
+training state as the persistent buffer `replace_counters` (`ResidualState.replace.counters`),
+so `torch.func.functional_call(layer, params._asdict(), (x,))` equals
+`vqfunc.residual.quantize(params, x, layer.cfg)`.
 """
 
 from __future__ import annotations
@@ -13,25 +13,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vqfunc._config import Estimator
 from vqfunc._params import VQParams
-from vqfunc._warmup import WarmupMethod
-from vqfunc.distributed import fit_across_ranks
+from vqfunc._warmup import WarmupMethod, fit_params
+from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
+from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.nn._no_vq import vq_disabled_everywhere
-from vqfunc.residual._quantize import (
-    ResidualConfig,
-    ResidualOutput,
-    init_residual_params,
-    residual_quantize,
-    residual_warmup_params,
-)
+from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._quantize import ResidualOutput, init_params, quantize
 from vqfunc.residual._state import (
     ResidualState,
-    _check_state,
-    init_residual_state,
-    residual_update_state,
+    check_residual_state,
+    init_state,
+    update_state,
 )
+from vqfunc.residual._warmup import warmup_params
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -47,11 +43,11 @@ class ResidualVectorQuantize(QuantizerShim):
     (see `ResidualOutput`).
 
     With `kmeans_init=True` the first batch seen in training mode fits the codebooks with
-    k-means, level after level (`residual_warmup_params(method="kmeans")`), once; the buffer
+    k-means, level after level (`vqfunc.residual.warmup_params(method="kmeans")`), once; the buffer
     `kmeans_initialized` records it (and travels in `state_dict`).
 
     With `replace_freq > 0`, every training forward pass then runs dead-code replacement
-    (`vqfunc.residual_update_state`): a code no level used for `replace_freq` steps is replaced
+    (`vqfunc.residual.update_state`): a code no level used for `replace_freq` steps is replaced
     by a residual vector of the batch (with a shared codebook, one of any level; otherwise one
     of its own level's). The counters live in the buffer `replace_counters` (in `state_dict`);
     the returned `z_q` and `misc` are those of the codebook before the replacement. Under
@@ -65,18 +61,23 @@ class ResidualVectorQuantize(QuantizerShim):
     and separate codebooks are stored as `[levels, num_codes // levels, feature_size]`.
 
     Args:
-        feature_size, num_codes, groups, share, dim, beta, affine_lr, affine_groups, sync_nu,
-        estimator, replace_freq, replace_rho: see `ResidualConfig` (`groups` is its `levels`).
-        levels: the number of levels, a clearer name for `groups`; give one or the other.
-        kmeans_init: warm the codebooks with k-means on the first training batch.
-        generator, device, dtype: go to `init_residual_params`.
+        feature_size: size `F` of the quantized axis `dim`.
+        num_codes: number of codes (with `share=False`, of all levels together).
+        groups: the number of residual levels, as vqtorch names it (`levels=` says the same;
+            give one or the other).
+        share: whether the levels share one codebook.
+        generator: source of randomness of the initial codebooks.
+        device: where to create the params and state.
+        dtype: floating dtype of the params.
         process_group: the ranks that keep the replacement in agreement (default: world).
+        **options: every other field of `vqfunc.residual.ResidualConfig` (`levels`, `dim`,
+            `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
+            `replace_rho`, `kmeans_init`), with its default.
     """
-
-    _STATE_NAMES = ResidualState._fields
 
     replace_counters: Tensor
 
+    @with_config_signature(ResidualConfig)
     def __init__(
         self,
         feature_size: int,
@@ -84,51 +85,31 @@ class ResidualVectorQuantize(QuantizerShim):
         groups: int = 1,
         share: bool = True,
         *,
-        levels: int | None = None,
-        dim: int = 1,
-        beta: float = 0.95,
-        affine_lr: float = 0.0,
-        affine_groups: int = 1,
-        sync_nu: float = 0.0,
-        estimator: Estimator = "ste",
-        replace_freq: int = 0,
-        replace_rho: float = 1e-2,
-        kmeans_init: bool = False,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         process_group: ProcessGroup | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        if levels is not None and groups not in (1, levels):
+        levels = options.pop("levels", 1)
+        if groups != 1 and levels not in (1, groups):
             raise ValueError(
                 f"ResidualVectorQuantize: groups={groups} and levels={levels} both give the "
                 "number of residual levels and disagree; pass only one of them"
             )
-        self.cfg = ResidualConfig(
-            feature_size=feature_size,
-            num_codes=num_codes,
-            levels=groups if levels is None else levels,
-            share=share,
-            dim=dim,
-            beta=beta,
-            affine_lr=affine_lr,
-            affine_groups=affine_groups,
-            sync_nu=sync_nu,
-            estimator=estimator,
-            replace_freq=replace_freq,
-            replace_rho=replace_rho,
-        )
-        params = init_residual_params(self.cfg, generator=generator, device=device, dtype=dtype)
-        self.kmeans_init = bool(kmeans_init)
+        arguments = {"feature_size": feature_size, "num_codes": num_codes, "share": share}
+        arguments["levels"] = groups if groups != 1 else levels
+        self.cfg = config_from_arguments(ResidualConfig, type(self).__name__, arguments | options)
+        params = init_params(self.cfg, generator=generator, device=device, dtype=dtype)
         self.process_group = process_group
-        self._register_tensors(params, init_residual_state(params, self.cfg))
+        self._register_tensors(params, init_state(params, self.cfg))
         self._register_load_state_dict_pre_hook(_fill_missing_counters, with_module=True)
 
     @property
     def state(self) -> ResidualState:
         """The layer's training state as a `ResidualState` (its own buffer, not a copy)."""
-        return ResidualState(self.replace_counters)
+        return self._state_view()
 
     def load_params(self, params: VQParams) -> None:
         """Copy `params` into the layer's parameters (shapes must match)."""
@@ -137,7 +118,9 @@ class ResidualVectorQuantize(QuantizerShim):
     @torch.no_grad()
     def load_state(self, state: ResidualState) -> None:
         """Copy `state` into the layer's buffer (shapes must match)."""
-        _check_state(state, self.params, self.cfg, where="ResidualVectorQuantize.load_state")
+        check_residual_state(
+            state, self.params, self.cfg, where="ResidualVectorQuantize.load_state"
+        )
         self._write(None, state)
 
     @torch.no_grad()
@@ -148,43 +131,44 @@ class ResidualVectorQuantize(QuantizerShim):
         method: WarmupMethod = "data",
         generator: torch.Generator | None = None,
     ) -> None:
-        """Fit the codebooks to the data `x` level after level (see `residual_warmup_params`)."""
+        """Fit the codebooks to the data `x` level after level (see
+        `vqfunc.residual.warmup_params`)."""
         self.load_params(
-            residual_warmup_params(self.params, x, self.cfg, method=method, generator=generator)
+            warmup_params(self.params, x, self.cfg, method=method, generator=generator)
         )
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.residual_quantize`.
+        """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.residual.quantize`.
 
         Inside `vqfunc.no_vq` the layer returns `x` unchanged with a zero loss.
         """
         if not self.vq_enabled or vq_disabled_everywhere():
             return x, {"loss": x.new_zeros(())}
         training = self.training and self._holds_own_tensors()
-        if training and self.kmeans_init and not self._kmeans_initialized():
+        if training and self.cfg.kmeans_init and not self._kmeans_initialized():
             self._kmeans_warmup(x, mask)
         updates = training and self.cfg.replace_freq > 0
-        z_q, out = self._quantize_and_update(
-            residual_quantize, residual_update_state, x, mask, updates=updates
-        )
+        z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, residual_misc_dict(out)
 
     @torch.no_grad()
     def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
-        rows = x.detach().movedim(self.cfg.dim % x.ndim, -1).reshape(-1, self.cfg.feature_size)
-        if mask is not None:
-            rows = rows[mask.reshape(-1).to(torch.bool)]  # once per layer, so a sync is fine
-        params, flat_cfg = self.params, self.cfg.replace(dim=-1)
-        # Under torch.distributed: fitted on the first rank from every rank's rows, broadcast.
-        codebook = fit_across_ranks(
-            rows,
-            params.codebook,
-            lambda data: residual_warmup_params(params, data, flat_cfg, method="kmeans").codebook,
-            group=self.process_group,
+        # Under torch.distributed: fitted on the first rank from every rank's rows, broadcast;
+        # None on every rank when no rank has vectors yet: try again on the next batch.
+        fitted = fit_params(
+            self.params,
+            x,
+            self.cfg,
+            method="kmeans",
+            generator=None,
+            kmeans_iters=20,
+            mask=mask,
+            sync=sync_for(self.process_group),
+            where=f"{type(self).__name__} (kmeans_init)",
         )
-        if codebook is None:
-            return  # no rank has vectors yet: try again on the next batch
-        self.load_params(params._replace(codebook=codebook))
+        if fitted is None:
+            return
+        self.load_params(fitted)
         self._mark_kmeans_done()
 
     def extra_repr(self) -> str:
@@ -196,7 +180,7 @@ class ResidualVectorQuantize(QuantizerShim):
         )
         if c.estimator != "ste":
             text += f", estimator={c.estimator!r}"
-        if self.kmeans_init:
+        if c.kmeans_init:
             text += ", kmeans_init=True"
         return text
 
@@ -207,9 +191,9 @@ def _fill_missing_counters(
     # State dicts saved before the layer had replacement hold no counters: start them afresh.
     key = prefix + "replace_counters"
     if key not in state_dict and prefix + "codebook" in state_dict:
-        state_dict[key] = init_residual_state(module.params, module.cfg).replace_counters
+        state_dict[key] = init_state(module.params, module.cfg).replace.counters
 
 
 def residual_misc_dict(out: ResidualOutput) -> dict[str, Any]:
     """vqtorch's `misc` dictionary for a `ResidualOutput` (with vqtorch's key aliases)."""
-    return misc_with_aliases(out, q="codes", d="distances", z_res="residuals")
+    return misc_with_aliases(out, q="codes", d="distances", z_q="codewords", z_res="residuals")

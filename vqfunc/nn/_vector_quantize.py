@@ -16,13 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from vqfunc._alternating import codebook_loss
-from vqfunc._config import Dist, Estimator, VQConfig
+from vqfunc._config import VQConfig
 from vqfunc._ema import init_ema_state
 from vqfunc._params import VQParams, init_params
 from vqfunc._quantize import QuantizeOutput, quantize
 from vqfunc._state import VQState, check_state, init_state, update_state
-from vqfunc.distributed import fit_codebook, sync_for
+from vqfunc._warmup import fit_params
+from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
+from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.nn._no_vq import vq_disabled_everywhere
 
 if TYPE_CHECKING:
@@ -40,8 +42,20 @@ class VectorQuantize(QuantizerShim):
     `layer(z_e, mask=m)` takes a `[*B]` mask over the input's non-feature axes: masked
     positions are quantized but count in no loss, statistic or replacement.
 
-    The arguments are the fields of `VQConfig` (see there); `generator`, `device` and `dtype`
-    go to `init_params`.
+    Args:
+        feature_size: size `F` of the quantized axis `dim`.
+        num_codes: number of codes (with `share=False`, of all groups together).
+        inplace_optimizer: e.g. `lambda p: torch.optim.SGD(p, lr=50.0, momentum=0.9)`: one
+            codebook step before each training forward pass (see below).
+        generator: source of randomness of the initial codebook (see `vqfunc.init_params`).
+        device: where to create the params and state.
+        dtype: floating dtype of the params.
+        process_group: the `torch.distributed` group whose ranks keep identical codebooks
+            (default: the world group, when initialised).
+        **options: every other field of `vqfunc.VQConfig` (`dim`, `dist`, `vector_normalize`,
+            `groups`, `share`, `beta`, `affine_lr`, `affine_groups`, `sync_nu`,
+            `estimator`, `replace_freq`, `replace_rho`, `ema_decay`, `ema_eps`,
+            `kmeans_init`), with its default.
 
     Under `torch.distributed` (e.g. with DistributedDataParallel), every data-dependent update
     of the training mode (k-means warm-up, EMA, dead-code replacement, the in-place codebook
@@ -72,59 +86,30 @@ class VectorQuantize(QuantizerShim):
     forward pass is pure. The functional form of the update is `vqfunc.update_state`.
     """
 
-    _STATE_NAMES = VQState._fields
-
     replace_counters: Tensor
     ema_counts: Tensor
     ema_sums: Tensor
 
+    @with_config_signature(VQConfig)
     def __init__(
         self,
         feature_size: int,
         num_codes: int,
         *,
-        dist: Dist = "euclidean",
-        vector_normalize: bool = False,
-        groups: int = 1,
-        share: bool = True,
-        dim: int = 1,
-        beta: float = 0.95,
-        affine_lr: float = 0.0,
-        affine_groups: int = 1,
-        sync_nu: float = 0.0,
-        estimator: Estimator = "ste",
-        replace_freq: int = 0,
-        replace_rho: float = 1e-2,
-        ema_decay: float = 0.0,
-        ema_eps: float = 1e-5,
-        kmeans_init: bool = False,
         inplace_optimizer: InplaceOptimizer | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         process_group: ProcessGroup | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        self.cfg = VQConfig(
-            feature_size=feature_size,
-            num_codes=num_codes,
-            dim=dim,
-            dist=dist,
-            vector_normalize=vector_normalize,
-            groups=groups,
-            share=share,
-            beta=beta,
-            affine_lr=affine_lr,
-            affine_groups=affine_groups,
-            sync_nu=sync_nu,
-            estimator=estimator,
-            replace_freq=replace_freq,
-            replace_rho=replace_rho,
-            ema_decay=ema_decay,
-            ema_eps=ema_eps,
-            kmeans_init=kmeans_init,
+        self.cfg = config_from_arguments(
+            VQConfig,
+            type(self).__name__,
+            {"feature_size": feature_size, "num_codes": num_codes, **options},
         )
-        if inplace_optimizer is not None and ema_decay > 0:
+        if inplace_optimizer is not None and self.cfg.ema_decay > 0:
             raise ValueError(
                 "VectorQuantize: inplace_optimizer and ema_decay > 0 both move the codebook; "
                 "use one of them"
@@ -149,7 +134,7 @@ class VectorQuantize(QuantizerShim):
     @property
     def state(self) -> VQState:
         """The layer's training state as a `VQState` (its own buffers, not copies)."""
-        return VQState(self.replace_counters, self.ema_counts, self.ema_sums)
+        return self._state_view()
 
     @torch.no_grad()
     def load_params(self, params: VQParams) -> None:
@@ -160,9 +145,7 @@ class VectorQuantize(QuantizerShim):
         """
         self._copy_params(params)
         if self.cfg.ema_decay > 0:
-            ema = init_ema_state(self.params, self.cfg)
-            self.ema_counts.copy_(ema.counts)
-            self.ema_sums.copy_(ema.sums)
+            self._write(None, self.state._replace(ema=init_ema_state(self.params, self.cfg)))
 
     @torch.no_grad()
     def load_state(self, state: VQState) -> None:
@@ -192,8 +175,16 @@ class VectorQuantize(QuantizerShim):
     def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
         # Fitted on the unmasked vectors of every rank; None (on every rank) when there are
         # none: try again on the next batch.
-        fitted = fit_codebook(
-            self.params, x, self.cfg, method="kmeans", mask=mask, group=self.process_group
+        fitted = fit_params(
+            self.params,
+            x,
+            self.cfg,
+            method="kmeans",
+            generator=None,
+            kmeans_iters=20,
+            mask=mask,
+            sync=sync_for(self.process_group),
+            where=f"{type(self).__name__} (kmeans_init)",
         )
         if fitted is None:
             return
@@ -230,4 +221,4 @@ class VectorQuantize(QuantizerShim):
 
 def misc_dict(out: QuantizeOutput) -> dict[str, Any]:
     """vqtorch's `misc` dictionary for a `QuantizeOutput` (with vqtorch's key aliases)."""
-    return misc_with_aliases(out, q="codes", d="distances")
+    return misc_with_aliases(out, q="codes", d="distances", z_q="codewords")

@@ -1,9 +1,9 @@
 """Dead-code replacement for residual quantization: `ResidualState` and its pure step.
 
-Each code has a counter, as in `vqfunc.replace_dead_codes`. The residual quantizer's params are
-laid out like a grouped quantizer's with one group per level (`ResidualConfig.book_config()`), so
-the step reuses `sample_candidates` and `replace_step` on that layout, with the residual each level
-searched (`r_{i-1}`) as that level's group of vectors:
+Each code has a counter, as in `vqfunc.replace_dead_codes`. The residual quantizer's codebooks
+are laid out like a grouped quantizer's with one group per level (the same `CodebookLayout`),
+so the step reuses `sample_candidates` and the replacement step on that layout, with the
+residual each level searched (`r_{i-1}`) as that level's group of vectors:
 
 - shared codebook: a code counts as used when any level picked it, and candidates are drawn
   from the residuals of all levels pooled together;
@@ -11,9 +11,9 @@ searched (`r_{i-1}`) as that level's group of vectors:
 
 A functional training step:
 
-    z_q, out = vqfunc.residual_quantize(params, x, cfg, mask=mask)
+    z_q, out = vqfunc.residual.quantize(params, x, cfg, mask=mask)
     ...  # task loss, gradient step on params
-    params, state = vqfunc.residual_update_state(params, state, out, cfg, mask=mask)
+    params, state = vqfunc.residual.update_state(params, state, out, cfg, mask=mask)
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from vqfunc._replace import (
     replace_step,
     sample_candidates,
 )
-from vqfunc._state import check_state_fields
-from vqfunc.residual._quantize import ResidualConfig, ResidualOutput, _check_config
+from vqfunc._state import check_state
+from vqfunc._validate import check_config
+from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._quantize import ResidualOutput
 
 if TYPE_CHECKING:
     from vqfunc.distributed import StateSync
@@ -42,35 +44,28 @@ class ResidualState(NamedTuple):
     """Training state of a residual quantizer (a pytree of tensors).
 
     Attributes:
-        replace_counters: `[num_books, K]` int64 steps left before each code is replaced;
-            `[num_books, 0]` when `cfg.replace_freq == 0`.
+        replace: the dead-code counters (`ReplaceState`: counters `[num_books, K]` int64,
+            steps left before each code is replaced); `[num_books, 0]` when
+            `cfg.replace_freq == 0`.
     """
 
-    replace_counters: Tensor
+    replace: ReplaceState
 
 
-def init_residual_state(params: VQParams, cfg: ResidualConfig) -> ResidualState:
+def init_state(params: VQParams, cfg: ResidualConfig) -> ResidualState:
     """Counters at `cfg.replace_freq`, on the params' device (empty when replacement is off)."""
-    _check_config(cfg, where="init_residual_state")
-    replace = init_replace_state(cfg.book_config(), device=params.codebook.device)
-    return ResidualState(replace.counters)
+    check_config(cfg, ResidualConfig, where="vqfunc.residual.init_state")
+    return ResidualState(replace=init_replace_state(params, cfg))
 
 
-def _check_state(state: object, params: VQParams, cfg: ResidualConfig, *, where: str) -> None:
-    if not isinstance(state, ResidualState):
-        raise TypeError(
-            f"{where}: state must be a ResidualState (from vqfunc.init_residual_state(params, "
-            f"cfg) or layer.state), got {type(state).__name__}"
-        )
-    shape = (cfg.num_books, cfg.codes_per_book if cfg.replace_freq > 0 else 0)
-    described = (
-        f"cfg (num_codes={cfg.num_codes}, levels={cfg.levels}, share={cfg.share}, "
-        f"replace_freq={cfg.replace_freq})"
-    )
-    check_state_fields(state, {"replace_counters": shape}, params, where=where, described=described)
+def check_residual_state(
+    state: object, params: VQParams, cfg: ResidualConfig, *, where: str
+) -> None:
+    """`state` is a `ResidualState` shaped as `cfg` says, on the params' device."""
+    check_state(state, params, cfg, where=where, kind=ResidualState, init=init_state)
 
 
-def residual_update_state(
+def update_state(
     params: VQParams,
     state: ResidualState,
     out: ResidualOutput,
@@ -81,21 +76,21 @@ def residual_update_state(
     randomness: ReplaceRandomness | None = None,
     sync: StateSync | None = None,
 ) -> tuple[VQParams, ResidualState]:
-    """One step of dead-code replacement (`cfg.replace_freq > 0`) after `residual_quantize`.
+    """One step of dead-code replacement (`cfg.replace_freq > 0`) after `quantize`.
 
     Pure, without host syncs. With replacement off it returns its inputs.
 
     Args:
         params: the params `out` was computed with.
-        state: current state, from `init_residual_state` or a previous step.
-        out: `residual_quantize`'s output for the batch.
+        state: current state, from `vqfunc.residual.init_state` or a previous step.
+        out: `vqfunc.residual.quantize`'s output for the batch.
         cfg: the static configuration.
-        mask: the `[*B]` mask given to `residual_quantize`, if any; masked rows neither count
-            as uses nor become candidates.
+        mask: the `[*B]` mask given to `quantize`, if any; masked rows neither count as uses
+            nor become candidates.
         generator: source of randomness for the candidates.
         randomness: pre-drawn randomness instead of `generator`, from
-            `draw_replace_randomness(num_rows, cfg.book_config())` (`num_rows` the number of
-            input vectors).
+            `vqfunc.draw_replace_randomness(num_rows, cfg)` (`num_rows` the number of input
+            vectors).
         sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: the histogram is
             summed over the ranks and the candidates shared, so every rank takes the same step.
 
@@ -103,23 +98,21 @@ def residual_update_state(
         New params (dead codes replaced; affine parameters unchanged) and state. Gradients do
         not flow through the update.
     """
-    _check_config(cfg, where="residual_update_state")
-    _check_state(state, params, cfg, where="residual_update_state")
+    where = "vqfunc.residual.update_state"
+    check_config(cfg, ResidualConfig, where=where)
+    check_residual_state(state, params, cfg, where=where)
     if cfg.replace_freq <= 0:
         return params, state
-    book = cfg.book_config()
     with torch.no_grad():
         params = VQParams(*(p.detach() for p in params))
         # The residual each level searched, as that level's group: `[*B, L * F]`.
         searched = out.residuals[..., : cfg.levels, :].flatten(-2)
         candidates = sample_candidates(
-            searched, out.codes, book, mask=mask, generator=generator, randomness=randomness
+            searched, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
         )
         histogram = out.histogram
         if sync is not None:
             (histogram,) = sync.reduce_sum(histogram)
             candidates = sync.share_candidates(candidates)
-        params, replace, _ = replace_step(
-            params, ReplaceState(state.replace_counters), histogram, candidates, book
-        )
-    return params, ResidualState(replace.counters)
+        params, replace, _ = replace_step(params, state.replace, histogram, candidates, cfg)
+    return params, ResidualState(replace=replace)

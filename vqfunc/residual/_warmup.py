@@ -1,0 +1,92 @@
+"""`vqfunc.residual.warmup_params`: residual codebooks fitted to data, level after level."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from vqfunc._params import VQParams
+from vqfunc._search import nearest_codes
+from vqfunc._warmup import WarmupMethod, fit_codes, fit_params
+from vqfunc.residual._config import ResidualConfig
+
+if TYPE_CHECKING:
+    from vqfunc.distributed import WarmupSync
+
+
+def warmup_params(
+    params: VQParams,
+    x: Tensor,
+    cfg: ResidualConfig,
+    *,
+    method: WarmupMethod = "data",
+    generator: torch.Generator | None = None,
+    kmeans_iters: int = 20,
+    mask: Tensor | None = None,
+    sync: WarmupSync | None = None,
+) -> VQParams:
+    """New params whose codebooks are fitted to the vectors of `x`, level after level.
+
+    Level `i` is fitted (with `vqfunc.warmup_params`'s `method`) to the residuals that the
+    already fitted levels `1 .. i-1` leave. With a shared codebook, the levels are first fitted
+    one by one as above, and the shared codebook is then fitted once to the residuals of all
+    levels pooled together.
+
+    Args:
+        params: current params; affine parameters are kept (the effective codes fit the data).
+        x: `[..., F (at cfg.dim), ...]` finite data, laid out as `vqfunc.residual.quantize`
+            takes it.
+        cfg: the static configuration.
+        method: `"data"` or `"kmeans"` (see `vqfunc.warmup_params`).
+        generator: source of randomness; the same seed gives the same codebooks.
+        kmeans_iters: Lloyd iterations for `"kmeans"`.
+        mask: optional `[*B]` mask over `x`'s non-feature axes; rows at 0 are left out.
+        sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: fitted on the
+            first rank from the vectors of every rank and broadcast. None: this process only.
+
+    Returns:
+        `VQParams` with new codebooks (same shapes, dtype and device); `params` is unchanged.
+
+    Raises:
+        ValueError: when no vector is left (on any rank), or some are not finite.
+    """
+    where = "vqfunc.residual.warmup_params"
+    fitted = fit_params(
+        params,
+        x,
+        cfg,
+        method=method,
+        generator=generator,
+        kmeans_iters=kmeans_iters,
+        mask=mask,
+        sync=sync,
+        where=where,
+    )
+    if fitted is None:
+        raise ValueError(
+            f"{where}: x holds no vectors (shape {tuple(x.shape)}); expected at least one"
+        )
+    return fitted
+
+
+def fit_levels(
+    rows: Tensor,
+    cfg: ResidualConfig,
+    method: WarmupMethod,
+    generator: torch.Generator | None,
+    kmeans_iters: int,
+) -> Tensor:
+    """Effective codes of shape `cfg.codebook_shape` fitted to finite rows `[M, F]`."""
+    residual, pooled, fitted = rows, [], []
+    k = cfg.codes_per_book
+    for _ in range(cfg.levels):
+        level_codes = fit_codes(residual, k, cfg, method, generator, kmeans_iters)
+        codes, _ = nearest_codes(residual, level_codes)
+        pooled.append(residual)
+        fitted.append(level_codes)
+        residual = residual - level_codes[codes]
+    if cfg.share:
+        return fit_codes(torch.cat(pooled), k, cfg, method, generator, kmeans_iters)
+    return torch.stack(fitted)
