@@ -5,7 +5,8 @@ one shared namespace, like cells of a notebook. A block may use names defined by
 block, never by a later one. Each page of docs/ runs the same way in a namespace of its own, so
 a page's blocks import what they use. They run from an empty temporary working directory.
 
-The README's relative links (to the docs pages, the notebooks) point at files that exist.
+The README's relative links (to the docs pages, the notebooks) point at files that exist, and
+the docs' home page shows the README's two commands as they are.
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ def test_docs_python_blocks_run(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     run_blocks(page, code_blocks(page.read_text(), "python"))
+
+
+def command_after(text: str, marker: str) -> str:
+    """The fenced block that directly follows `marker`, fences included."""
+    after = text.split(marker, 1)[1].lstrip("\n")
+    return after[: after.index("\n```", 3) + len("\n```")]
+
+
+def test_docs_home_shows_the_readme_commands() -> None:
+    readme, home = README.read_text(), (DOCS / "index.md").read_text()
+    for marker in COMMAND_MARKERS:
+        assert marker in home, f"docs/index.md lost the {marker} marker"
+        assert command_after(home, marker) == command_after(readme, marker), (
+            f"the command after {marker} differs between docs/index.md and README.md"
+        )
 
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
