@@ -8,8 +8,8 @@
 # classifier ladders, the in-place alternating update) and writes each step in vqfunc. Every
 # cell states the vqtorch line it replaces in a comment starting with `# vqtorch:`.
 #
-# What behaves differently, and why, is listed in the README's migration table; the short
-# version: perplexity is a number, the loss is always a scalar mean, codes of separate
+# What behaves differently, and why, is listed in the migration table (`docs/migration.md`);
+# the short version: perplexity is a number, the loss is always a scalar mean, codes of separate
 # codebooks index their own group's codebook, any input rank works, and k-means runs on CPU.
 #
 # The examples use MNIST and CUDA in vqtorch; here they use scikit-learn's bundled digits on
