@@ -1,6 +1,6 @@
 """vqtorch's layer names, so that code written for vqtorch runs with an import changed.
 
-`from vqfunc import VectorQuant, GroupVectorQuant, ResidualVectorQuant` accepts vqtorch's
+`from vqfunc.nn import VectorQuant, GroupVectorQuant, ResidualVectorQuant` accepts vqtorch's
 arguments as written, including `groups` and `share` as the third and fourth positional
 arguments of the grouped and residual layers.
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vqfunc._config import VQConfig
+from vqfunc.nn._config_arguments import with_config_signature
 from vqfunc.nn._residual_vector_quantize import ResidualVectorQuantize
 from vqfunc.nn._vector_quantize import VectorQuantize
 
@@ -29,6 +31,7 @@ ResidualVectorQuant = ResidualVectorQuantize
 class GroupVectorQuant(VectorQuantize):
     """vqtorch's grouped layer: `VectorQuantize` with `groups` and `share` also positional."""
 
+    @with_config_signature(VQConfig)
     def __init__(
         self,
         feature_size: int,
