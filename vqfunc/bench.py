@@ -62,6 +62,8 @@ _MIB = float(1 << 20)
 # Pause before each timed CPU call (see bench_shape).
 _SETTLE_SECONDS = 0.02
 
+__all__ = ["PeakMemory", "Row", "bench_shape", "format_table", "gemm_rate", "main", "memory_check"]
+
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory

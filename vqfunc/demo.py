@@ -34,6 +34,24 @@ from vqfunc._metrics import perplexity, usage
 from vqfunc._warmup import WarmupMethod
 from vqfunc.nn import VectorQuantize, codebook_warmup
 
+__all__ = [
+    "RECIPES",
+    "AutoEncoder",
+    "Recipe",
+    "Result",
+    "Settings",
+    "build_model",
+    "evaluate",
+    "format_table",
+    "load_data",
+    "main",
+    "parse_args",
+    "run_all",
+    "run_recipe",
+    "save_figure",
+    "train",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:

@@ -50,6 +50,8 @@ from torch import Tensor
 
 from vqfunc._replace import Candidates
 
+__all__ = ["ProcessGroupSync", "StateSync", "WarmupSync", "active_group", "sync_for"]
+
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 

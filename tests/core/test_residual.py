@@ -342,11 +342,14 @@ def test_functional_call_on_the_shim_equals_the_pure_call(generator: torch.Gener
     torch.testing.assert_close(misc["loss"], out.loss)
 
 
-def test_shim_warmup_fits_codebooks(generator: torch.Generator) -> None:
+def test_layer_loads_warmed_params(generator: torch.Generator) -> None:
     train = _digits()[0][:300]
     layer = ResidualVectorQuantize(64, 16, levels=2, dim=-1, generator=generator)
     _, before = layer(train)
-    layer.warmup(train, method="kmeans", generator=generator)
+    warmed = vqfunc.residual.warmup_params(
+        layer.params, train, layer.cfg, method="kmeans", generator=generator
+    )
+    layer.load_params(warmed)
     _, after = layer(train)
     assert after["loss"] < before["loss"]
 

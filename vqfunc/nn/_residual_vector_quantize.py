@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vqfunc._params import VQParams
-from vqfunc._warmup import WarmupMethod, fit_params
+from vqfunc._warmup import fit_params
 from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
@@ -27,7 +27,6 @@ from vqfunc.residual._state import (
     init_state,
     update_state,
 )
-from vqfunc.residual._warmup import warmup_params
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -122,20 +121,6 @@ class ResidualVectorQuantize(QuantizerShim):
             state, self.params, self.cfg, where="ResidualVectorQuantize.load_state"
         )
         self._write(None, state)
-
-    @torch.no_grad()
-    def warmup(
-        self,
-        x: Tensor,
-        *,
-        method: WarmupMethod = "data",
-        generator: torch.Generator | None = None,
-    ) -> None:
-        """Fit the codebooks to the data `x` level after level (see
-        `vqfunc.residual.warmup_params`)."""
-        self.load_params(
-            warmup_params(self.params, x, self.cfg, method=method, generator=generator)
-        )
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.residual.quantize`.
