@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vqfunc._config import QuantizerConfig
 from vqfunc._params import VQParams
 from vqfunc._state import state_buffers, state_from_buffers
+from vqfunc._warmup import fit_params
 from vqfunc.distributed import sync_for
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ _PARAM_NAMES = VQParams._fields
 class QuantizerShim(nn.Module):
     """Base of the layer shims: params view, own-tensor tracking, k-means flag mirror."""
 
+    cfg: QuantizerConfig
     _state_names: tuple[str, ...]
 
     codebook: nn.Parameter
@@ -67,6 +70,31 @@ class QuantizerShim(nn.Module):
     def params(self) -> VQParams:
         """The layer's parameters as a `VQParams` (the layer's own tensors, not copies)."""
         return VQParams(self.codebook, self.affine_scale, self.affine_bias)
+
+    @torch.no_grad()
+    def load_params(self, params: VQParams) -> None:
+        """Copy `params` into the layer's parameters (shapes must match)."""
+        self._copy_params(params)
+
+    @torch.no_grad()
+    def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
+        """`kmeans_init`: fit the codebook to the unmasked vectors of `x` (of every rank, under
+        torch.distributed), once. No rank has vectors yet: try again on the next batch."""
+        fitted = fit_params(
+            self.params,
+            x,
+            self.cfg,
+            method="kmeans",
+            generator=None,
+            kmeans_iters=20,
+            mask=mask,
+            sync=sync_for(self.process_group),
+            where=f"{type(self).__name__} (kmeans_init)",
+        )
+        if fitted is None:
+            return
+        self.load_params(fitted)
+        self._mark_kmeans_done()
 
     @torch.no_grad()
     def _copy_params(self, params: VQParams) -> None:

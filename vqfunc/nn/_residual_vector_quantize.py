@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vqfunc._params import VQParams
-from vqfunc._warmup import fit_params
-from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.nn._no_vq import vq_disabled_everywhere
@@ -74,6 +71,7 @@ class ResidualVectorQuantize(QuantizerShim):
             `replace_rho`, `kmeans_init`), with its default.
     """
 
+    cfg: ResidualConfig
     replace_counters: Tensor
 
     @with_config_signature(ResidualConfig)
@@ -110,10 +108,6 @@ class ResidualVectorQuantize(QuantizerShim):
         """The layer's training state as a `ResidualState` (its own buffer, not a copy)."""
         return self._state_view()
 
-    def load_params(self, params: VQParams) -> None:
-        """Copy `params` into the layer's parameters (shapes must match)."""
-        self._copy_params(params)
-
     @torch.no_grad()
     def load_state(self, state: ResidualState) -> None:
         """Copy `state` into the layer's buffer (shapes must match)."""
@@ -135,26 +129,6 @@ class ResidualVectorQuantize(QuantizerShim):
         updates = training and self.cfg.replace_freq > 0
         z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, residual_misc_dict(out)
-
-    @torch.no_grad()
-    def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
-        # Under torch.distributed: fitted on the first rank from every rank's rows, broadcast;
-        # None on every rank when no rank has vectors yet: try again on the next batch.
-        fitted = fit_params(
-            self.params,
-            x,
-            self.cfg,
-            method="kmeans",
-            generator=None,
-            kmeans_iters=20,
-            mask=mask,
-            sync=sync_for(self.process_group),
-            where=f"{type(self).__name__} (kmeans_init)",
-        )
-        if fitted is None:
-            return
-        self.load_params(fitted)
-        self._mark_kmeans_done()
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -21,7 +21,6 @@ from vqfunc._ema import init_ema_state
 from vqfunc._params import VQParams, init_params
 from vqfunc._quantize import QuantizeOutput, quantize
 from vqfunc._state import VQState, check_state, init_state, update_state
-from vqfunc._warmup import fit_params
 from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
@@ -86,6 +85,7 @@ class VectorQuantize(QuantizerShim):
     forward pass is pure. The functional form of the update is `vqfunc.update_state`.
     """
 
+    cfg: VQConfig
     replace_counters: Tensor
     ema_counts: Tensor
     ema_sums: Tensor
@@ -170,26 +170,6 @@ class VectorQuantize(QuantizerShim):
         updates = training and (self.cfg.ema_decay > 0 or self.cfg.replace_freq > 0)
         z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, misc_dict(out)
-
-    @torch.no_grad()
-    def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
-        # Fitted on the unmasked vectors of every rank; None (on every rank) when there are
-        # none: try again on the next batch.
-        fitted = fit_params(
-            self.params,
-            x,
-            self.cfg,
-            method="kmeans",
-            generator=None,
-            kmeans_iters=20,
-            mask=mask,
-            sync=sync_for(self.process_group),
-            where=f"{type(self).__name__} (kmeans_init)",
-        )
-        if fitted is None:
-            return
-        self.load_params(fitted)
-        self._mark_kmeans_done()
 
     def _inplace_step(self, x: Tensor, mask: Tensor | None) -> None:
         optimizer = self.inplace_codebook_optimizer
