@@ -227,12 +227,12 @@ fig.suptitle("Cells of three quantizers fitted by k-means to the black points (r
 plt.show()
 print("codes of one point with groups=2:", o.codes[150, 150].tolist())
 
+
 # %% [markdown]
 # On the digits, which is better depends on the bit budget. A single Euclidean codebook with
 # `K` codes costs `log2 K` bits per vector; with `G` separate codebooks of `k` codes each it
 # costs `G log2 k` bits, so groups reach many more bits with tiny codebooks. Below: error on the
 # held-out digits for codebooks fitted on the training digits with k-means.
-
 
 # %%
 def test_mse(c):

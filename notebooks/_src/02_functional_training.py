@@ -67,13 +67,13 @@ recon, out = forward(weights, x_train[:5], cfg)
 print("recon", tuple(recon.shape), "| codes", tuple(out.codes.shape))
 print(optree.tree_map(lambda t: tuple(t.shape), weights))
 
+
 # %% [markdown]
 # ## 2. A training step: `grad` for the gradient, `optree` for the update
 #
 # The loss returns the quantizer's output as auxiliary data (`has_aux=True`), so the step can
 # log it and feed it to the state update below. The optimizer is Adam written over pytrees in a
 # few lines with `optree.tree_map`: weights, gradients and moments are trees of the same shape.
-
 
 # %%
 def adam_init(weights):
@@ -267,6 +267,7 @@ print(
 )
 print(f"best learning rate: {lrs[final.argmin()]:.0f}")
 
+
 # %% [markdown]
 # The loss is a mean over all elements, so the gradient of one code is small (it is scaled by
 # the share of vectors the code wins): small learning rates barely move the codes, the useful
@@ -278,7 +279,6 @@ print(f"best learning rate: {lrs[final.argmin()]:.0f}")
 # branches), so the whole gradient step of section 2, `grad` and the `optree` update included,
 # compiles into one graph. The first call compiles (some seconds on a laptop CPU); later calls
 # with new data of the same shape reuse the compiled code.
-
 
 # %%
 def sgd_step(weights, x):

@@ -140,6 +140,7 @@ print(
     misc["loss"].item(),
 )
 
+
 # %% [markdown]
 # ## 3. `codebook_warmup`: codes that start where the data are
 #
@@ -148,7 +149,6 @@ print(
 # k-means on them. Layers are warmed in the order the forward pass reaches them, so a later layer
 # sees the already warmed output of an earlier one. Even before any training, the codes are
 # spread over what the (untrained) encoder produces:
-
 
 # %%
 @torch.no_grad()

@@ -1,4 +1,3 @@
-# ruff: noqa: E402 (cells import where a vqtorch line is translated)
 # %% [markdown]
 # # From vqtorch to vqfunc, line by line
 #
