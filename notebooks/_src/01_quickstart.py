@@ -57,12 +57,12 @@ print(f"perplexity {out.perplexity.item():.2f} of {cfg.num_codes} codes")
 
 # %% [markdown]
 # `out.codes` are integers: 397 digits compressed to 5 bits each. `dequantize` turns codes back
-# into vectors: exactly the selected codes `out.z_q`, and the forward value of `z_q` (which is
+# into vectors: exactly the selected codes `out.codewords`, and the forward value of `z_q` (which is
 # computed as `x + (codes - x)` for the straight-through gradient, so equal up to rounding).
 
 # %%
 restored = vqfunc.dequantize(params, out.codes, cfg)
-print("dequantize(codes) == out.z_q:", torch.equal(restored, out.z_q))
+print("dequantize(codes) == out.codewords:", torch.equal(restored, out.codewords))
 print("dequantize(codes) ~= z_q:", torch.allclose(restored, z_q, atol=1e-6))
 
 fig, axes = plt.subplots(3, 12, figsize=(12, 3.2))

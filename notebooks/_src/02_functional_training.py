@@ -150,7 +150,7 @@ cfg_ema = vqfunc.VQConfig(feature_size=D, num_codes=32, dim=-1, ema_decay=0.9, r
 def loss_ema(net, vq_params, x, cfg):
     recon, out = forward({**net, "vq": vq_params}, x, cfg)
     rec = (recon - x).square().mean()
-    commit = vqfunc.commitment_loss(out.z, out.z_q, beta=0.0)  # pulls the encoder only
+    commit = vqfunc.commitment_loss(out.z, out.codewords, beta=0.0)  # pulls the encoder only
     return rec + 0.25 * commit, (rec, out)
 
 
@@ -165,7 +165,14 @@ weights = init_weights(cfg_ema, seed=0)
 vq_params = weights.pop("vq")
 net = weights
 vq_state = vqfunc.init_state(vq_params, cfg_ema)
-print({name: tuple(t.shape) for name, t in vq_state._asdict().items()})
+# One record per technique: VQState(ema=EMAState(counts, sums), replace=ReplaceState(counters)).
+print(
+    {
+        f"{technique}.{name}": tuple(t.shape)
+        for technique, record in vq_state._asdict().items()
+        for name, t in record._asdict().items()
+    }
+)
 
 opt = adam_init(net)
 gen = torch.Generator().manual_seed(0)
