@@ -32,6 +32,8 @@ CHECKS = (
     "check_empty_batch_and_zero_dimensions",
     "check_strided_vectors_and_codebook",
     "check_non_finite_rows_give_valid_codes",
+    "check_non_finite_codes_are_never_chosen",
+    "check_float32_codes_are_exact_under_an_offset",
     "check_search_op_runs_the_kernel",
     "check_failed_launch_warns_once_and_falls_back",
 )

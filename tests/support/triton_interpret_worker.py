@@ -149,6 +149,28 @@ def check_non_finite_rows_give_valid_codes() -> None:
     assert_exact_ties_aside(vectors[finite], codebook, codes[finite])
 
 
+def check_non_finite_codes_are_never_chosen() -> None:
+    for dtype in (torch.float32, *HALVES):
+        vectors, codebook = problem(40, 90, 8, dtype, 5)
+        codebook[7] = float("nan")
+        codebook[0, 2] = float("inf")
+        codes = _triton_search.search_codes(vectors, codebook)
+        finite = torch.isfinite(codebook).all(-1)
+        assert not (codes == 7).any() and not (codes == 0).any(), dtype
+        kept = finite.nonzero().squeeze(1)
+        assert_exact_ties_aside(vectors, codebook[finite], torch.searchsorted(kept, codes))
+    nothing = torch.full((5, 8), float("nan"), device=DEVICE)
+    codes = _triton_search.search_codes(problem(9, 5, 8, torch.float32, 6)[0], nothing)
+    assert torch.equal(codes, torch.zeros(9, dtype=torch.int64, device=DEVICE))
+
+
+def check_float32_codes_are_exact_under_an_offset() -> None:
+    vectors, codebook = problem(300, 130, 33, torch.float32, 8)
+    offset = 1000.0
+    codes = _triton_search.search_codes(vectors + offset, codebook + offset)
+    assert_exact_ties_aside(vectors, codebook, codes)
+
+
 def check_search_op_runs_the_kernel() -> None:
     calls = []
     launch = triton_kernel.nearest_codes_kernel

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vqfunc._kernels.torch_search import codebook_center
+
 _CSRC = Path(__file__).with_name("csrc")
 # The search kernel and the straight-through kernels, built together into one library.
 _SOURCES = ("nearest.c", "straight_through.c")
@@ -137,7 +139,7 @@ def _library() -> ctypes.CDLL | None:
     lib.vq_nearest_f32.restype = c_int
     lib.vq_nearest_f32.argtypes = [
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
-        *(ptr, ptr, i64, c_int),  # codes, distances, rows per slice, threads
+        *(ptr, ptr, ptr, i64, c_int),  # center, codes, distances, rows per slice, threads
     ]
     lib.vq_st_forward_f32.restype = c_int
     lib.vq_st_forward_f32.argtypes = [
@@ -199,7 +201,8 @@ def _check_matrix(name: str, value: Tensor) -> None:
 def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
     """`[K, d]` float32 -> (panels `[P, d, 16]`, half squared norms `[P * 16]`), padded to groups.
 
-    Padding codes have half norm `+inf` so that they never win. Requires `available()`.
+    Padding codes and codes with a non-finite entry have half norm `+inf` (and zero entries) so
+    that they never win. Requires `available()`.
     """
     lib = library()
     _check_matrix("codebook", codebook)
@@ -241,7 +244,9 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     distances = torch.empty(n, dtype=torch.float32)
     if n == 0:
         return codes, distances
-    panels, half_norms = pack_codebook(book)
+    # Rows and codes are scored centred on the codes' mean (the kernel centres each row block).
+    center = codebook_center(book).contiguous()
+    panels, half_norms = pack_codebook(book - center)
     groups = half_norms.shape[0] // GROUP
     work = n * groups * GROUP * max(d, 1)
     threads = max(1, min(max_threads(), work // _MIN_WORK_PER_THREAD))
@@ -250,7 +255,8 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     rows_per_slice = _ROW_BLOCK * max(1, -(-n // (_ROW_BLOCK * _SLICES_PER_THREAD * threads)))
     status = lib.vq_nearest_f32(
         *(x.data_ptr(), n, d, panels.data_ptr(), half_norms.data_ptr(), groups, k),
-        *(book.data_ptr(), codes.data_ptr(), distances.data_ptr(), rows_per_slice, threads),
+        *(book.data_ptr(), center.data_ptr(), codes.data_ptr(), distances.data_ptr()),
+        *(rows_per_slice, threads),
     )
     check_status(status)
     return codes, distances

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from vqfunc._kernels.torch_search import centered_codebook, codebook_center
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The device type the compiled kernel runs on. The interpreter tests set it to "cpu", since
 # under `TRITON_INTERPRET=1` the kernel runs on CPU tensors.
@@ -133,9 +135,17 @@ def search_codes(vectors: Tensor, codebook: Tensor) -> Tensor:
     codes = torch.empty(num_rows, dtype=torch.int64, device=vectors.device)
     if num_rows == 0:
         return codes
-    # Contiguous codes: every program streams the whole codebook, row after row.
-    codebook = codebook.contiguous()
-    half_norms = 0.5 * codebook.float().square().sum(-1)
+    # Non-finite codes are never chosen, as on every backend (see torch_search). float32 is
+    # centred on the codes' mean (one copy of the vectors); half inputs are not: rounding the
+    # centred values to 11 bits would cost more exactness than the centring wins. Contiguous
+    # codes: every program streams them all.
+    center = codebook_center(codebook.float())
+    if vectors.dtype != torch.float32:
+        center = torch.zeros_like(center)
+    moved, half_norms = centered_codebook(codebook.float(), center)
+    codebook = moved.to(vectors.dtype).contiguous()
+    if vectors.dtype == torch.float32:
+        vectors = vectors - center
     blocks = block_sizes(num_rows, dim, vectors.dtype)
     grid = (-(-num_rows // blocks.rows),)
     # Triton launches on the current CUDA device: make it the tensors' one.

@@ -2,8 +2,10 @@
  *
  * Scores are s(x, k) = h_k - x . c_k with h_k = ||c_k||^2 / 2: the same argmin as ||x - c_k||.
  * The codebook arrives packed in panels of 16 codes, transposed so that one dimension of 16
- * codes is two 8-float vectors: packed[p][j][0..15] = c[16 p + 0..15][j]. Padding codes carry
- * h = +inf so they are never chosen.
+ * codes is two 8-float vectors: packed[p][j][0..15] = c[16 p + 0..15][j]. Padding codes and
+ * codes with a non-finite entry carry h = +inf so they are never chosen. Codes and rows are
+ * centred on the codebook's mean before they are scored, so a large common offset does not
+ * cancel the scores (see nearest_rows).
  *
  * The inner loop keeps no indices: a register tile of 6 rows x 16 codes accumulates scores with
  * FMAs, and each row only folds them into a running minimum vector (one vminps per 8 scores).
@@ -11,7 +13,8 @@
  * far and, on the rare improvement, remembers the group. At the end, the lanes holding the
  * row's minimum name the first group where it occurs; that group alone is recomputed with the
  * very same FMA sequence (so the scores match bit for bit) and the first code reaching the
- * minimum is returned, as argmin would. Memory: about 16 KiB of stack per thread.
+ * minimum is returned, as argmin would. Memory: about 16 KiB of stack per thread, and the
+ * centred rows of one row block, (ROW_BLOCK + TILE_ROWS) d floats, on the heap.
  *
  * Loops: row blocks of ROW_BLOCK rows (their per-lane minima on the stack), code blocks that
  * fit in L2, row tiles of TILE_ROWS rows whose vectors stay in L1.
@@ -36,20 +39,24 @@
 #define PANEL_MAJOR_D 128
 #endif
 
-/* Packs codebook [k, d] into panels [padded_k / 16][d][16] and half squared norms [padded_k]
- * (+inf for the padding codes). Plain loops: the codebook is small next to the search. */
+/* Packs codebook [k, d] into panels [padded_k / 16][d][16] and half squared norms [padded_k].
+ * Padding codes and codes with a non-finite entry get h = +inf and zero entries, so they are
+ * never chosen (and add no NaN to a score). Plain loops: the codebook is small next to the
+ * search. */
 void vq_pack_f32(const float *codebook, int64_t k, int64_t d, int64_t padded_k, float *packed,
                  float *half_norms) {
     for (int64_t c = 0; c < padded_k; ++c) {
         const float *code = codebook + c * d;
         float *lane = packed + (c / PANEL) * d * PANEL + (c % PANEL);
+        int finite = c < k;
         float sq = 0.0f;
-        for (int64_t j = 0; j < d; ++j) {
-            const float v = c < k ? code[j] : 0.0f;
-            lane[j * PANEL] = v;
-            sq += v * v;
+        for (int64_t j = 0; j < d && finite; ++j) {
+            finite = isfinite(code[j]);
+            sq += code[j] * code[j];
         }
-        half_norms[c] = c < k ? 0.5f * sq : INFINITY;
+        finite = finite && isfinite(sq);
+        for (int64_t j = 0; j < d; ++j) lane[j * PANEL] = finite ? code[j] : 0.0f;
+        half_norms[c] = finite ? 0.5f * sq : INFINITY;
     }
 }
 
@@ -214,14 +221,18 @@ TARGET static inline void record_group(__m256 m, int64_t g, float *best, int32_t
 
 /* Rows [row_begin, row_end) of x [*, d] against the packed codebook of `groups` groups of
  * PADDING codes, the first `num_codes` of them real (`codebook` [num_codes, d] is the same
- * codebook unpacked). Writes codes[row_begin:row_end] and the Euclidean distances
- * ||x - codebook[code]|| to distances[row_begin:row_end]. */
+ * codebook unpacked). The packed codes are centred on `center` [d] (the codebook's mean) and
+ * each row block is centred the same way before it is scored: distances are invariant to the
+ * translation, and the scores h - x.c then do not cancel catastrophically when the data share
+ * a large offset. Writes codes[row_begin:row_end] and the Euclidean distances
+ * ||x - codebook[code]|| (of the uncentred vectors) to distances[row_begin:row_end]. */
 TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_end, int64_t d,
                                const float *packed, const float *half_norms,
                                int64_t padded_groups, int64_t num_codes, const float *codebook,
-                               int64_t *codes, float *distances) {
-    float *short_tile = malloc(sizeof(float) * TILE_ROWS * d);
-    if (short_tile == NULL) return VQ_NO_MEMORY;
+                               const float *center, int64_t *codes, float *distances) {
+    /* The centred rows of one block, padded with its last row to whole tiles. */
+    float *block = malloc(sizeof(float) * (ROW_BLOCK + TILE_ROWS) * d);
+    if (block == NULL) return VQ_NO_MEMORY;
     /* A code block of about 192 KiB stays in L2 while a row block sweeps it. */
     /* Panels per group: the final recomputation of one group per row costs gp 16 d FMAs,
      * the per-group bookkeeping a few operations per row; gp = 128 / d balances them. */
@@ -239,12 +250,12 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
                 best[i][l] = INFINITY;
                 best_group[i][l] = 0;
             }
-        /* A short last tile is copied and padded with its last row; only real rows are
-         * recorded. */
-        const int64_t full_end = r0 + (r1 - r0) / TILE_ROWS * TILE_ROWS;
-        for (int i = 0; i < TILE_ROWS && full_end < r1; ++i)
-            for (int64_t j = 0; j < d; ++j)
-                short_tile[i * d + j] = x[(full_end + i < r1 ? full_end + i : r1 - 1) * d + j];
+        /* Centred copy; a short last tile is padded with the last row (only real rows are
+         * recorded). */
+        for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i) {
+            const float *src = x + (r0 + i < r1 ? r0 + i : r1 - 1) * d;
+            for (int64_t j = 0; j < d; ++j) block[i * d + j] = src[j] - center[j];
+        }
         for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
             const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups;
             if (d >= PANEL_MAJOR_D) {
@@ -253,9 +264,8 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
                         _mm256_storeu_ps(minima[i], _mm256_set1_ps(INFINITY));
                     for (int64_t p = g * gp; p < (g + 1) * gp; ++p)
                         for (int64_t t = r0; t < r1; t += TILE_ROWS)
-                            panel_tile(t < full_end ? x + t * d : short_tile, d,
-                                       packed + p * d * PANEL, half_norms + p * PANEL,
-                                       minima + (t - r0));
+                            panel_tile(block + (t - r0) * d, d, packed + p * d * PANEL,
+                                       half_norms + p * PANEL, minima + (t - r0));
                     for (int64_t i = 0; i < r1 - r0; ++i)
                         record_group(_mm256_loadu_ps(minima[i]), g, best[i], best_group[i]);
                 }
@@ -263,7 +273,7 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
             }
             for (int64_t t = r0; t < r1; t += TILE_ROWS) {
                 const int rows = (int)(r1 - t < TILE_ROWS ? r1 - t : TILE_ROWS);
-                const float *xt = t < full_end ? x + t * d : short_tile;
+                const float *xt = block + (t - r0) * d;
                 switch (d) {
                     TILE_CASE(4)
                     TILE_CASE(8)
@@ -277,7 +287,7 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
             }
         }
         for (int64_t i = 0; i < r1 - r0; ++i) {
-            const float *row = x + (r0 + i) * d;
+            const float *row = block + i * d;
             float v;
             int32_t g;
             row_minimum(best[i], best_group[i], &v, &g);
@@ -287,10 +297,10 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
             /* No finite minimum (NaN inputs or overflow), or a padding code: code 0. */
             if (k_best < 0 || k_best >= num_codes) k_best = 0;
             codes[r0 + i] = k_best;
-            distances[r0 + i] = distance(row, codebook + k_best * d, d);
+            distances[r0 + i] = distance(x + (r0 + i) * d, codebook + k_best * d, d);
         }
     }
-    free(short_tile);
+    free(block);
     return VQ_OK;
 }
 
@@ -298,8 +308,8 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
  * OpenMP threads (the runtime torch uses, when it is loaded: one pool, no oversubscription). */
 int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
                    const float *half_norms, int64_t padded_groups, int64_t num_codes,
-                   const float *codebook, int64_t *codes, float *distances,
-                   int64_t rows_per_slice, int threads) {
+                   const float *codebook, const float *center, int64_t *codes,
+                   float *distances, int64_t rows_per_slice, int threads) {
     if (!vq_cpu_supported() || d < 1 || rows_per_slice < 1) return VQ_UNSUPPORTED;
     const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
     int status = VQ_OK;
@@ -308,7 +318,7 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
         const int result = nearest_rows(x, begin, end, d, packed, half_norms, padded_groups,
-                                        num_codes, codebook, codes, distances);
+                                        num_codes, codebook, center, codes, distances);
         VQ_RECORD_FAILURE(status, result);
     }
     return status;
