@@ -1,11 +1,21 @@
 """`quantize` and `dequantize`: the functional vector quantizer.
 
-The core is written for one codebook and one group (`_quantize_group`); grouped VQ is
+The search is written for one codebook and one group (`nearest_codes`); grouped VQ is
 `torch.func.vmap` of it over the group axis, with the codebook shared (`in_dims=None`) or
-stacked per group (`in_dims=0`). The straight-through estimator (the default) takes a fused
-path instead: the search is vmapped the same way, then the output and the commitment loss are
-one chunked node over all groups' rows (`vqfunc._kernels.straight_through`), which keeps the
-forward and backward free of `N x F` temporaries.
+stacked per group (`in_dims=0`). The straight-through estimator (the default) then takes a
+fused path: the output and the commitment loss are one chunked node over all groups' rows
+(`vqfunc._kernels.straight_through`), which keeps the forward and backward free of `N x F`
+temporaries.
+
+Degenerate data (the policy, the same on every backend and device). An input vector is
+*invalid* when any of its entries is not finite, or, with `dist="cosine"`, when any of its
+group sub-vectors has (near) zero norm (`<= 1e-12`, where `F.normalize` stops normalising).
+An invalid vector is searched as the zero vector, gets code 0 (in every group) and distance
+NaN, its output and `codewords` rows are code 0's vector, no gradient reaches it, and it counts
+as masked everywhere: in the loss, the histogram, the perplexity and, through `out.valid`, in
+`update_state` (EMA statistics, replacement candidates); `out.num_invalid` counts such vectors
+without a host sync. A code with a non-finite entry, and with `dist="cosine"` a zero-norm code,
+is never selected.
 """
 
 from __future__ import annotations
@@ -39,11 +49,15 @@ class QuantizeOutput(NamedTuple):
         distances: distances to the selected codes, shaped like `codes` (between normalised
             vectors for cosine).
         loss: scalar commitment loss with `cfg.beta` (masked rows excluded).
-        z: `[*B, F]` the input vectors as the search saw them (normalised for cosine).
+        z: `[*B, F]` the input vectors as the search saw them (normalised for cosine; zeros
+            for invalid vectors).
         codewords: `[*B, F]` their selected codes, before the gradient estimator (the
             returned `z_q` carries the estimator); differentiable with respect to the codebook.
         perplexity: scalar code perplexity (mean over codebooks).
-        histogram: `[num_books, K]` code counts (masked rows excluded).
+        histogram: `[num_books, K]` code counts (masked and invalid rows excluded).
+        valid: `[*B]` bool, False for the invalid input vectors (non-finite, or zero-norm
+            with cosine; see the module's policy), which count as masked.
+        num_invalid: scalar int64 count of the invalid input vectors (no host sync; log it).
     """
 
     codes: Tensor
@@ -53,18 +67,45 @@ class QuantizeOutput(NamedTuple):
     codewords: Tensor
     perplexity: Tensor
     histogram: Tensor
+    valid: Tensor
+    num_invalid: Tensor
 
 
-def _quantize_group(codebook: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One group against one codebook: `([K, d], [M, d]) -> (z_q [M, d], codes, distances)`."""
-    codes, distances = nearest_codes(z, codebook)
-    return codebook.index_select(0, codes), codes, distances
+# Below this norm a vector (or code) has no direction: `F.normalize` stops normalising there.
+_MIN_NORM = 1e-12
 
 
-def _search_space(rows: Tensor, codebook: Tensor, cfg: VQConfig) -> tuple[Tensor, Tensor]:
-    if cfg.dist == "cosine":
-        return F.normalize(rows, dim=-1), F.normalize(codebook, dim=-1)
-    return rows, codebook
+def valid_rows(rows: Tensor, cosine: bool) -> Tensor:
+    """`[M]` bool: rows `[M, G, d]` whose entries are all finite (and, for cosine, whose every
+    group has a norm above `_MIN_NORM`)."""
+    valid = torch.isfinite(rows).flatten(1).all(-1)
+    if cosine:
+        valid = valid & (rows.norm(dim=-1) > _MIN_NORM).all(-1)
+    return valid
+
+
+def row_weights(valid: Tensor, row_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Weights (shaped like `valid`) of the rows that count: the mask's (1 without one) where
+    the row is valid, 0 elsewhere."""
+    weights = valid.to(dtype)
+    return weights if row_mask is None else weights * row_mask.to(dtype)
+
+
+def _search_space(rows: Tensor, codebook: Tensor, cfg: VQConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """`(z, codebook, search codebook)`: for cosine, the unit vectors and codes, and the codes
+    the search sees, where a zero-norm code is NaN (never selected)."""
+    if cfg.dist != "cosine":
+        return rows, codebook, codebook
+    norms = codebook.norm(dim=-1, keepdim=True)
+    unit = codebook / norms.clamp_min(_MIN_NORM)
+    return F.normalize(rows, dim=-1), unit, torch.where(norms > _MIN_NORM, unit, torch.nan)
+
+
+def _lookup(codebook: Tensor, codes: Tensor, cfg: VQConfig) -> Tensor:
+    """The codes' vectors `[M, G, d]` of row codes `[M, G]` in `[K, d]` or `[G, K, d]`."""
+    if cfg.share:
+        return codebook[codes]
+    return codebook[torch.arange(cfg.groups, device=codebook.device), codes]
 
 
 def compute_dtype(x: Tensor, params: VQParams) -> torch.dtype:
@@ -72,56 +113,54 @@ def compute_dtype(x: Tensor, params: VQParams) -> torch.dtype:
     return search_dtype(torch.promote_types(x.dtype, params.codebook.dtype))
 
 
+class QuantizedRows(NamedTuple):
+    """`quantize_rows`' results on rows `[M, G, d]`."""
+
+    out: Tensor
+    z: Tensor
+    codewords: Tensor
+    codes: Tensor
+    distances: Tensor
+    loss: Tensor
+    histogram: Tensor
+    valid: Tensor
+
+
 def quantize_rows(
     params: VQParams, rows: Tensor, cfg: VQConfig, row_mask: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> QuantizedRows:
     """The quantizer on rows `[M, G, d]` (in the compute dtype), without input checks.
 
-    Returns `(out_rows, z, z_q, codes [M, G], distances [M, G], loss, histogram)`, where
-    `out_rows` carries the gradient estimator.
+    `out` carries the gradient estimator; invalid rows are handled as the module says.
     """
+    valid = valid_rows(rows, cfg.dist == "cosine")
+    rows = torch.where(valid.view(-1, 1, 1), rows, 0.0)
+    weights = row_weights(valid, row_mask, rows.dtype)
     codebook = effective_codebook(params, cfg).to(rows.dtype)
-    z, codebook = _search_space(rows, codebook, cfg)
+    z, codebook, search_book = _search_space(rows, codebook, cfg)
+    search = torch.func.vmap(nearest_codes, in_dims=(1, None if cfg.share else 0), out_dims=1)
+    codes, distances = search(z, search_book)
+    invalid = ~valid.unsqueeze(-1)
+    codes = codes.masked_fill(invalid, 0)
+    distances = distances.masked_fill(invalid, torch.nan)
     if cfg.estimator == "ste":
-        out, z_q, codes, distances, loss = _straight_through_rows(z, codebook, cfg, row_mask)
-    else:
-        grouped = torch.func.vmap(
-            _quantize_group, in_dims=(None if cfg.share else 0, 1), out_dims=1
+        out, z_q, loss = straight_through_with_loss(
+            z.reshape(-1, cfg.code_dim),
+            codebook.reshape(-1, cfg.code_dim),
+            _flat_codes(codes, cfg),
+            beta=cfg.beta,
+            nu=cfg.sync_nu,
+            weights=_flat_row_weights(weights, codes, z.dtype),
         )
-        z_q, codes, distances = grouped(codebook, z)
-        loss_mask = None if row_mask is None else row_mask.unsqueeze(-1).expand(codes.shape)
-        loss = commitment_loss(z, z_q, cfg.beta, mask=loss_mask)
+        out, z_q = out.view(z.shape), z_q.view(z.shape)
+    else:
+        z_q = _lookup(codebook, codes, cfg)
+        loss = commitment_loss(z, z_q, cfg.beta, mask=weights.unsqueeze(-1).expand(codes.shape))
         out = estimate(z, z_q, cfg)
     if cfg.vector_normalize:
         out = out * rows.norm(dim=-1, keepdim=True)
-    histogram = book_histogram(codes, cfg, row_mask)
-    return out, z, z_q, codes, distances, loss, histogram
-
-
-def _straight_through_rows(
-    z: Tensor, codebook: Tensor, cfg: VQConfig, row_mask: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The straight-through path on rows `[M, G, d]`, fused with the commitment loss.
-
-    The `G` groups are pooled into `M * G` rows against one flat codebook (separate codebooks
-    `[G, K, d]` become `[G * K, d]`, indexed by `code + g * K`), so that the estimator and the
-    loss run as one chunked node (`vqfunc._kernels.straight_through`) instead of several `M x F`
-    temporaries.
-
-    Returns `(out, z_q, codes [M, G], distances [M, G], loss)`.
-    """
-    search = torch.func.vmap(nearest_codes, in_dims=(1, None if cfg.share else 0), out_dims=1)
-    codes, distances = search(z, codebook)
-    weights = None if row_mask is None else _flat_row_weights(row_mask, codes, z.dtype)
-    out, z_q, loss = straight_through_with_loss(
-        z.reshape(-1, cfg.code_dim),
-        codebook.reshape(-1, cfg.code_dim),
-        _flat_codes(codes, cfg),
-        beta=cfg.beta,
-        nu=cfg.sync_nu,
-        weights=weights,
-    )
-    return out.view(z.shape), z_q.view(z.shape), codes, distances, loss
+    histogram = book_histogram(codes, cfg, weights)
+    return QuantizedRows(out, z, z_q, codes, distances, loss, histogram, valid)
 
 
 def book_histogram(codes: Tensor, cfg: QuantizerConfig, row_mask: Tensor | None = None) -> Tensor:
@@ -163,8 +202,9 @@ def quantize(
         params: the codebook (and affine parameters), from `init_params` or `layer.params`.
         x: `[..., F (at cfg.dim), ...]` floating tensor of any rank >= 1; may be empty.
         cfg: the static configuration.
-        mask: optional `[*B]` tensor (bool or float) over the input's non-feature axes; rows
-            at 0 are quantized but excluded from the loss, histogram and perplexity.
+        mask: optional `[*B]` tensor (bool, or float weights in [0, 1]) over the input's
+            non-feature axes; rows at 0 are quantized but excluded from the loss, histogram and
+            perplexity. Invalid rows (non-finite; zero-norm with cosine) are excluded as well.
 
     Returns:
         z_q: shaped and typed like `x`, the selected codes in the forward pass, with the
@@ -180,17 +220,19 @@ def quantize(
     if mask is not None:
         _validate.check_mask(mask, layout.batch_shape, x, where="quantize")
         row_mask = mask.reshape(-1)
-    out_rows, z, z_q, codes, distances, loss, histogram = quantize_rows(params, rows, cfg, row_mask)
+    result = quantize_rows(params, rows, cfg, row_mask)
     output = QuantizeOutput(
-        codes=codes_to_batch(codes, layout, cfg),
-        distances=codes_to_batch(distances, layout, cfg),
-        loss=loss,
-        z=rows_to_batch(z, layout),
-        codewords=rows_to_batch(z_q, layout),
-        perplexity=perplexity(histogram).mean(),
-        histogram=histogram,
+        codes=codes_to_batch(result.codes, layout, cfg),
+        distances=codes_to_batch(result.distances, layout, cfg),
+        loss=result.loss,
+        z=rows_to_batch(result.z, layout),
+        codewords=rows_to_batch(result.codewords, layout),
+        perplexity=perplexity(result.histogram).mean(),
+        histogram=result.histogram,
+        valid=result.valid.view(layout.batch_shape),
+        num_invalid=(~result.valid).sum(),
     )
-    return from_rows(out_rows, layout).to(x.dtype), output
+    return from_rows(result.out, layout).to(x.dtype), output
 
 
 def dequantize(params: VQParams, codes: Tensor, cfg: VQConfig) -> Tensor:

@@ -32,7 +32,7 @@ from vqfunc._ema import (
     reset_codes,
 )
 from vqfunc._params import VQParams
-from vqfunc._quantize import QuantizeOutput
+from vqfunc._quantize import QuantizeOutput, row_weights
 from vqfunc._replace import (
     ReplaceRandomness,
     ReplaceState,
@@ -148,7 +148,8 @@ def update_state(
         out: `quantize`'s output for the batch.
         cfg: the static configuration.
         mask: the `[*B]` mask given to `quantize`, if any; masked rows neither update the
-            statistics nor become replacement candidates.
+            statistics nor become replacement candidates. Neither do the rows `quantize` found
+            invalid (`out.valid`).
         generator: source of randomness for the replacement candidates.
         randomness: pre-drawn replacement randomness (`draw_replace_randomness`), instead of
             `generator`.
@@ -160,6 +161,8 @@ def update_state(
         New params and state. Gradients do not flow through the update.
     """
     check_state(state, params, cfg, where="update_state")
+    # Invalid rows (non-finite; zero-norm with cosine) count as masked.
+    mask = row_weights(out.valid, mask, out.z.dtype)
     with torch.no_grad():
         params = VQParams(*(p.detach() for p in params))
         ema, replace = state

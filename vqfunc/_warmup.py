@@ -12,7 +12,7 @@ from vqfunc._affine import invert_affine
 from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._kmeans import _sample_indices, kmeans
 from vqfunc._params import VQParams
-from vqfunc._quantize import compute_dtype
+from vqfunc._quantize import compute_dtype, valid_rows
 
 if TYPE_CHECKING:
     from vqfunc.distributed import WarmupSync
@@ -52,7 +52,7 @@ def fit_codes(
 ) -> Tensor:
     """`k` codes fitted to the rows of `data` `[M, d]` by `method`."""
     if method == "kmeans" and data.shape[0] >= k:
-        spherical = isinstance(cfg, VQConfig) and cfg.dist == "cosine"
+        spherical = _is_cosine(cfg)
         return kmeans(data, k, iters=kmeans_iters, spherical=spherical, generator=generator)
     return sample_codes(data, k, generator=generator)
 
@@ -73,7 +73,8 @@ def warmup_params(
     Args:
         params: current params; only the codebook is replaced (affine parameters are kept,
             and the raw codes are chosen so that the *effective* codes fit the data).
-        x: `[..., F (at cfg.dim), ...]` data, laid out as `quantize` takes it; finite.
+        x: `[..., F (at cfg.dim), ...]` data, laid out as `quantize` takes it. Vectors with
+            a non-finite entry (and, for cosine, zero-norm ones) are left out, as if masked.
         cfg: the static configuration.
         method: `"data"` draws codes from the data (without replacement; with replacement
             plus small noise when there are fewer vectors than codes); `"kmeans"` runs
@@ -91,7 +92,7 @@ def warmup_params(
         `VQParams` with a new codebook (same shape, dtype and device); `params` is unchanged.
 
     Raises:
-        ValueError: when no vector is left (on any rank), or some are not finite.
+        ValueError: when no valid, unmasked vector is left (on any rank).
     """
     fitted = fit_params(
         params,
@@ -107,8 +108,8 @@ def warmup_params(
     if fitted is None:
         raise ValueError(
             f"warmup_params: x holds no vectors (shape {tuple(x.shape)}"
-            f"{', masked' if mask is not None else ''}{', on any rank' if sync else ''}); "
-            "expected at least one"
+            f"{', masked' if mask is not None else ''}{', on any rank' if sync else ''}) "
+            "once the non-finite ones are left out; expected at least one"
         )
     return fitted
 
@@ -141,9 +142,13 @@ def fit_params(
     dim = cfg.dim % x.ndim
     moved = x.detach().movedim(dim, -1)
     rows = moved.reshape(-1, cfg.feature_size).to(compute_dtype(x, params))
+    # Invalid rows (non-finite; zero-norm with cosine) count as masked, as in `quantize`.
+    parts = cfg.groups if isinstance(cfg, VQConfig) else 1
+    keep = valid_rows(rows.view(-1, parts, cfg.feature_size // parts), _is_cosine(cfg))
     if mask is not None:
         _validate.check_mask(mask, tuple(moved.shape[:-1]), x, where=where)
-        rows = rows[mask.detach().reshape(-1) > 0]  # a warm-up may read the device
+        keep = keep & (mask.detach().reshape(-1) > 0)
+    rows = rows[keep]  # a warm-up may read the device
 
     def fit(data: Tensor) -> Tensor:
         _validate.check_finite(data, where=where)
@@ -154,6 +159,10 @@ def fit_params(
     else:
         codebook = sync.fit_on_first_rank(rows, params.codebook, fit)
     return None if codebook is None else params._replace(codebook=codebook)
+
+
+def _is_cosine(cfg: QuantizerConfig) -> bool:
+    return isinstance(cfg, VQConfig) and cfg.dist == "cosine"
 
 
 def _fit_rows(

@@ -145,7 +145,11 @@ def test_a_rank_with_empty_or_masked_batches_does_not_hang(
     # codebook_warmup with unequal loaders and per-rank generators: one codebook, fitted.
     (before, warmed0), (_, warmed1) = rank0["codebook_warmup"], rank1["codebook_warmup"]
     assert torch.equal(warmed0, warmed1) and not torch.equal(warmed0, before)
-    # Non-finite data on rank 1, then a fit failing on rank 0: every rank raises, none hangs.
+    # A NaN row on rank 1 is left out of the warm-up: the ranks agree on the finite rows' fit.
+    (warm0, ref0), (warm1, _) = rank0["nan_row_warmup"], rank1["nan_row_warmup"]
+    assert torch.equal(warm0, warm1) and torch.equal(warm0, ref0) and warm0.isfinite().all()
+    # Non-finite rows given to the collective fit on rank 1, then a fit failing on rank 0:
+    # every rank raises, none hangs.
     assert rank0["errors"][0] == rank1["errors"][0]
     assert "non-finite" in rank0["errors"][0] and "rank 1: 1" in rank0["errors"][0]
     assert rank0["errors"][1] == "ArithmeticError: fit failed"

@@ -146,19 +146,23 @@ def scenario_empty(rank: int, out: Path) -> None:
     result["both"] = functional_step(rank, 9 - 4 * rank)
     result["codebook_warmup"] = warmup_from_unequal_loaders(rank)
     result["errors"] = errors_reach_every_rank(rank)
+    result["nan_row_warmup"] = nan_row_left_out_of_the_warmup(rank)
     torch.save(result, out / f"empty_rank{rank}.pt")
 
 
 def errors_reach_every_rank(rank: int) -> list[str]:
-    """Bad data on one rank, or a fit failing on the first rank: every rank raises, none hangs."""
+    """Non-finite rows reaching the collective fit on one rank, or a fit failing on the first
+    rank: every rank raises, none hangs."""
     caught = []
     cfg = vqfunc.VQConfig(feature_size=4, num_codes=3, dim=-1)
     params = vqfunc.init_params(cfg)
     x = torch.randn(5, 4)
     if rank == 1:
         x[2, 1] = float("nan")
+    sync = vqdist.sync_for()
+    assert sync is not None
     try:
-        vqfunc.warmup_params(params, x, cfg, sync=vqdist.sync_for())
+        sync.fit_on_first_rank(x, params.codebook, lambda data: data[:3])
     except ValueError as exc:
         caught.append(f"ValueError: {exc}")
 
@@ -166,12 +170,31 @@ def errors_reach_every_rank(rank: int) -> list[str]:
         raise ArithmeticError("fit failed")
 
     try:
-        sync = vqdist.sync_for()
-        assert sync is not None
         sync.fit_on_first_rank(torch.randn(5, 4), params.codebook, fit)
     except (ArithmeticError, RuntimeError) as exc:
         caught.append(f"{type(exc).__name__}: {exc}")
     return caught
+
+
+def nan_row_left_out_of_the_warmup(rank: int) -> tuple[Tensor, Tensor]:
+    """`warmup_params(sync=)` with a NaN row on rank 1: that row is left out, the ranks agree;
+    returns the codebook and the single-process warm-up on the finite rows of both ranks."""
+    cfg = vqfunc.VQConfig(feature_size=4, num_codes=3, dim=-1)
+    params = vqfunc.init_params(cfg, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))
+    if rank == 1:
+        x[2, 1] = float("nan")
+    warm = vqfunc.warmup_params(
+        params, x, cfg, generator=torch.Generator().manual_seed(1), sync=vqdist.sync_for()
+    )
+    everyone = [torch.empty(0)] * dist.get_world_size()
+    dist.all_gather_object(everyone, x)
+    finite = torch.cat(everyone)
+    finite = finite[torch.isfinite(finite).all(-1)]
+    reference = vqfunc.warmup_params(
+        params, finite, cfg, generator=torch.Generator().manual_seed(1)
+    )
+    return warm.codebook, reference.codebook
 
 
 def warmup_from_unequal_loaders(rank: int) -> tuple[Tensor, Tensor]:

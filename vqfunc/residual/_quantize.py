@@ -25,7 +25,7 @@ from vqfunc._layout import Layout, from_rows, normalize_dim, rows_to_batch, to_r
 from vqfunc._losses import commitment_loss
 from vqfunc._metrics import perplexity
 from vqfunc._params import VQParams
-from vqfunc._quantize import book_histogram, code_vectors, compute_dtype
+from vqfunc._quantize import book_histogram, code_vectors, compute_dtype, row_weights, valid_rows
 from vqfunc._search import nearest_codes
 from vqfunc.residual._config import ResidualConfig
 
@@ -41,13 +41,17 @@ class ResidualOutput(NamedTuple):
             `codes[..., i] + i * cfg.codes_per_book`.
         distances: `[*B, L]` the norm `||r_i||` of the residual left after each level.
         loss: scalar commitment loss between the input and the sum of all levels.
-        z: `[*B, F]` the input vectors.
+        z: `[*B, F]` the input vectors (zeros for invalid ones).
         codewords: `[*B, F]` the sum of the selected codes of all levels, before the gradient
             estimator (the returned `z_q` carries the estimator); differentiable with respect
             to the codebook.
         residuals: `[*B, L + 1, F]` the residuals `r_0 = z, r_1, ..., r_L = z - z_q`.
         perplexity: scalar code perplexity (mean over codebooks).
-        histogram: `[num_books, K]` code counts over all levels (masked rows excluded).
+        histogram: `[num_books, K]` code counts over all levels (masked and invalid rows
+            excluded).
+        valid: `[*B]` bool, False for input vectors with a non-finite entry (they count as
+            masked).
+        num_invalid: scalar int64 count of those vectors (no host sync).
     """
 
     codes: Tensor
@@ -58,6 +62,8 @@ class ResidualOutput(NamedTuple):
     residuals: Tensor
     perplexity: Tensor
     histogram: Tensor
+    valid: Tensor
+    num_invalid: Tensor
 
 
 def init_params(
@@ -83,18 +89,22 @@ def check_params(params: object, cfg: ResidualConfig, *, where: str) -> None:
 
 
 def _quantize_levels(
-    codebook: Tensor, rows: Tensor, cfg: ResidualConfig
+    codebook: Tensor, rows: Tensor, valid: Tensor, cfg: ResidualConfig
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rows `[M, F]` through all levels: `(picked [M, L, F], codes [M, L], distances [M, L])`.
 
     The search sees the residuals without gradient; the picked codes stay differentiable with
-    respect to the codebook.
+    respect to the codebook. Invalid rows (`valid` `[M]` False) take code 0 at every level,
+    with distance NaN.
     """
     residual = rows.detach()
+    invalid = ~valid
     picked, codes, distances = [], [], []
     for level in range(cfg.levels):
         book = codebook if cfg.share else codebook[level]
         level_codes, level_distances = nearest_codes(residual, book)
+        level_codes = level_codes.masked_fill(invalid, 0)
+        level_distances = level_distances.masked_fill(invalid, torch.nan)
         code_vectors = book.index_select(0, level_codes)
         residual = residual - code_vectors.detach()
         picked.append(code_vectors)
@@ -116,8 +126,10 @@ def quantize(
         params: codebook(s) and affine parameters, from `vqfunc.residual.init_params`.
         x: `[..., F (at cfg.dim), ...]` floating tensor of any rank >= 1; may be empty.
         cfg: the static configuration.
-        mask: optional `[*B]` tensor (bool or float) over the input's non-feature axes; rows
-            at 0 are quantized but excluded from the loss, histogram and perplexity.
+        mask: optional `[*B]` tensor (bool, or float weights in [0, 1]) over the input's
+            non-feature axes; rows at 0 are quantized but excluded from the loss, histogram and
+            perplexity. Rows with a non-finite entry are handled as in `vqfunc.quantize`:
+            searched as zeros, code 0 at every level, excluded as if masked (`out.valid`).
 
     Returns:
         z_q: shaped and typed like `x`, the sum of the selected codes of all levels in the
@@ -129,28 +141,32 @@ def quantize(
     _validate.check_input(x, cfg, where=where)
     _validate.check_same_device(x, params, where=where)
     grouped_rows, layout = to_rows(x.to(compute_dtype(x, params)), cfg.dim, groups=1)
-    rows = grouped_rows[:, 0]
+    valid = valid_rows(grouped_rows, cosine=False)
+    rows = torch.where(valid.unsqueeze(-1), grouped_rows[:, 0], 0.0)
     row_mask = None
     if mask is not None:
         _validate.check_mask(mask, layout.batch_shape, x, where=where)
         row_mask = mask.reshape(-1)
+    weights = row_weights(valid, row_mask, rows.dtype)
     codebook = effective_codebook(params, cfg).to(rows.dtype)
-    picked, codes, distances = _quantize_levels(codebook, rows, cfg)
+    picked, codes, distances = _quantize_levels(codebook, rows, valid, cfg)
     z_q = picked.sum(1)
-    loss = commitment_loss(rows, z_q, cfg.beta, mask=row_mask)
+    loss = commitment_loss(rows, z_q, cfg.beta, mask=weights)
     out_rows = estimate(rows, z_q, cfg)
-    histogram = book_histogram(codes, cfg, row_mask)
+    histogram = book_histogram(codes, cfg, weights)
     residuals = torch.cat([rows.unsqueeze(1), rows.unsqueeze(1) - picked.cumsum(1)], 1)
     batch = layout.batch_shape
     output = ResidualOutput(
         codes=codes.reshape(*batch, cfg.levels),
         distances=distances.reshape(*batch, cfg.levels),
         loss=loss,
-        z=rows_to_batch(grouped_rows, layout),
+        z=rows_to_batch(rows.unsqueeze(1), layout),
         codewords=rows_to_batch(z_q.unsqueeze(1), layout),
         residuals=residuals.reshape(*batch, cfg.levels + 1, cfg.feature_size),
         perplexity=perplexity(histogram).mean(),
         histogram=histogram,
+        valid=valid.view(batch),
+        num_invalid=(~valid).sum(),
     )
     return from_rows(out_rows.unsqueeze(1), layout).to(x.dtype), output
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from vqfunc._params import VQParams
+from vqfunc._quantize import row_weights
 from vqfunc._replace import (
     ReplaceRandomness,
     ReplaceState,
@@ -103,6 +104,8 @@ def update_state(
     check_residual_state(state, params, cfg, where=where)
     if cfg.replace_freq <= 0:
         return params, state
+    # Rows with a non-finite entry count as masked.
+    mask = row_weights(out.valid, mask, out.z.dtype)
     with torch.no_grad():
         params = VQParams(*(p.detach() for p in params))
         # The residual each level searched, as that level's group: `[*B, L * F]`.

@@ -36,8 +36,8 @@ def warmup_params(
 
     Args:
         params: current params; affine parameters are kept (the effective codes fit the data).
-        x: `[..., F (at cfg.dim), ...]` finite data, laid out as `vqfunc.residual.quantize`
-            takes it.
+        x: `[..., F (at cfg.dim), ...]` data, laid out as `vqfunc.residual.quantize` takes it;
+            vectors with a non-finite entry are left out, as if masked.
         cfg: the static configuration.
         method: `"data"` or `"kmeans"` (see `vqfunc.warmup_params`).
         generator: source of randomness; the same seed gives the same codebooks.
@@ -50,7 +50,7 @@ def warmup_params(
         `VQParams` with new codebooks (same shapes, dtype and device); `params` is unchanged.
 
     Raises:
-        ValueError: when no vector is left (on any rank), or some are not finite.
+        ValueError: when no finite, unmasked vector is left (on any rank).
     """
     where = "vqfunc.residual.warmup_params"
     fitted = fit_params(
@@ -66,7 +66,8 @@ def warmup_params(
     )
     if fitted is None:
         raise ValueError(
-            f"{where}: x holds no vectors (shape {tuple(x.shape)}); expected at least one"
+            f"{where}: x holds no vectors (shape {tuple(x.shape)}) once the non-finite and "
+            "masked ones are left out; expected at least one"
         )
     return fitted
 
