@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vqfunc import _validate
 from vqfunc._config import VQConfig
 from vqfunc._losses import commitment_loss
 from vqfunc._params import VQParams
@@ -35,6 +36,7 @@ def codebook_loss(
     Returns:
         A scalar: the mean over the unmasked elements (0 for an empty batch).
     """
+    _validate.check_code_range(codes, cfg.codes_per_book, where="codebook_loss")
     rows = z.detach().reshape(-1, cfg.groups, cfg.code_dim)
     row_codes = codes.reshape(-1, cfg.groups).long()
     z_q = code_vectors(params, row_codes, cfg, rows.dtype)

@@ -14,6 +14,7 @@ functions that only need shapes read `cfg.layout`, whatever the kind of quantize
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, NamedTuple, TypeVar
 
 Dist = Literal["euclidean", "cosine"]
@@ -198,8 +199,8 @@ class QuantizerConfig:
 
     def _non_negative(self, name: str) -> None:
         value = getattr(self, name)
-        if not _is_number(value) or not value >= 0:
-            raise ValueError(f"{self._owner}: {name} must be a number >= 0, got {value!r}")
+        if not _is_number(value) or not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{self._owner}: {name} must be a finite number >= 0, got {value!r}")
 
     def _in_range(self, name: str, low: float, high: float, *, high_open: bool = False) -> None:
         value = getattr(self, name)

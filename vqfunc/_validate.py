@@ -123,6 +123,37 @@ def check_mask(mask: object, batch_shape: tuple[int, ...], x: Tensor, *, where: 
         )
     if mask.device != x.device:
         raise ValueError(f"{where}: mask is on {mask.device} but x is on {x.device}")
+    if mask.dtype.is_complex:
+        raise TypeError(f"{where}: mask must be bool or real, got {mask.dtype}")
+    if mask.dtype != torch.bool and _holds(~((mask >= 0) & (mask <= 1))):
+        bad = mask[~((mask >= 0) & (mask <= 1))].flatten()[0].item()
+        raise ValueError(
+            f"{where}: mask holds {bad!r}; expected a bool mask or weights in [0, 1] "
+            "(0 leaves a row out, 1 counts it fully)"
+        )
+
+
+def check_code_range(codes: Tensor, num_codes: int, *, where: str) -> None:
+    """Every code is in `[0, num_codes)` (checked on CPU; on other devices an out-of-range
+    code is the indexing kernel's error, or undefined)."""
+    if _holds((codes < 0) | (codes >= num_codes)):
+        outside = codes[(codes < 0) | (codes >= num_codes)].flatten()[0].item()
+        raise IndexError(
+            f"{where}: codes holds {outside}, outside [0, {num_codes}) (the codes of one "
+            "codebook); negative codes do not count from the end"
+        )
+
+
+def _holds(condition: Tensor) -> bool:
+    """Whether any element of a CPU `condition` is true; False where its values cannot be read
+    without a device sync or inside a trace (CUDA, `torch.compile`, `vmap`): the checks of
+    values run only where they cost nothing."""
+    if condition.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    try:
+        return bool(condition.any())
+    except RuntimeError:  # vmap: the values of a batched tensor are not concrete here
+        return False
 
 
 def check_codes(codes: object, cfg: QuantizerConfig, *, where: str) -> None:
@@ -133,6 +164,7 @@ def check_codes(codes: object, cfg: QuantizerConfig, *, where: str) -> None:
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"{where}: codes must be an integer tensor, got {codes.dtype}")
     parts = cfg.layout.parts
+    check_code_range(codes, cfg.codes_per_book, where=where)
     has_trailing_axis = codes.ndim > 0 and codes.shape[-1] == parts
     if isinstance(cfg, VQConfig):
         if parts > 1 and not has_trailing_axis:

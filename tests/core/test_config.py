@@ -76,10 +76,16 @@ def test_replace_validates_again() -> None:
         ({"dist": "cos"}, "dist must be one of .*got 'cos'"),
         ({"beta": -0.1}, r"beta must be in \[0.0, 1.0\], got -0.1"),
         ({"ema_decay": 1.0}, r"ema_decay must be in \[0.0, 1.0\), got 1.0"),
-        ({"affine_lr": -1.0}, "affine_lr must be a number >= 0, got -1.0"),
-        ({"sync_nu": float("nan")}, "sync_nu must be a number >= 0, got nan"),
+        ({"affine_lr": -1.0}, "affine_lr must be a finite number >= 0, got -1.0"),
+        ({"sync_nu": float("nan")}, "sync_nu must be a finite number >= 0, got nan"),
         ({"replace_freq": -2}, "replace_freq must be an int >= 0.*got -2"),
         ({"affine_groups": 5}, "affine_groups=5 must divide the 24 codes"),
+        ({"replace_rho": float("inf")}, "replace_rho must be a finite number >= 0, got inf"),
+        ({"ema_eps": float("inf")}, "ema_eps must be a finite number >= 0, got inf"),
+        ({"ema_eps": -1e-5}, "ema_eps must be a finite number >= 0, got -1e-05"),
+        ({"share": "no"}, "share must be True or False, got 'no'"),
+        ({"vector_normalize": 1, "dist": "cosine"}, "vector_normalize must be True or False"),
+        ({"kmeans_init": "yes"}, "kmeans_init must be True or False, got 'yes'"),
     ],
 )
 def test_bad_values_are_named(kwargs: dict[str, object], pattern: str) -> None:

@@ -201,7 +201,9 @@ def test_off_returns_inputs_and_bad_state_raises() -> None:
         vqfunc.residual.update_state(params, (state.replace.counters,), out, on)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ResidualConfig: replace_freq must be an int >= 0"):
         vqfunc.residual.ResidualConfig(feature_size=2, num_codes=4, replace_freq=-1)
-    with pytest.raises(ValueError, match="ResidualConfig: replace_rho must be a number >= 0"):
+    with pytest.raises(
+        ValueError, match="ResidualConfig: replace_rho must be a finite number >= 0"
+    ):
         vqfunc.residual.ResidualConfig(feature_size=2, num_codes=4, replace_rho=-1.0)
 
 

@@ -19,6 +19,7 @@ from vqfunc._params import VQParams
 from vqfunc._state import state_buffers, state_from_buffers
 from vqfunc._warmup import fit_params
 from vqfunc.distributed import sync_for
+from vqfunc.nn._no_vq import switched_off
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -30,6 +31,7 @@ class QuantizerShim(nn.Module):
     """Base of the layer shims: params view, own-tensor tracking, k-means flag mirror."""
 
     cfg: QuantizerConfig
+    _vq_switch: bool
     _state_names: tuple[str, ...]
 
     codebook: nn.Parameter
@@ -56,7 +58,7 @@ class QuantizerShim(nn.Module):
         self.register_buffer(
             "kmeans_initialized", torch.tensor(False, device=params.codebook.device)
         )
-        self.vq_enabled = True  # switched off by `vqfunc.no_vq`
+        self.vq_enabled = True
         self._kmeans_done: bool | None = None  # Python mirror of the buffer: no device reads
         self._remember_own_tensors()
         self.register_load_state_dict_post_hook(_after_load)
@@ -65,6 +67,19 @@ class QuantizerShim(nn.Module):
         """The buffers as the nested state record (the layer's own tensors, not copies)."""
         structure = self.__dict__["_state_structure"]
         return state_from_buffers(structure, lambda name, value: getattr(self, name))
+
+    @property
+    def vq_enabled(self) -> bool:
+        """Whether the layer quantizes: its own switch, unless a `vqfunc.no_vq` block of the
+        current thread or task turns it off."""
+        return self._quantizing()
+
+    @vq_enabled.setter
+    def vq_enabled(self, value: bool) -> None:
+        self._vq_switch = bool(value)
+
+    def _quantizing(self) -> bool:
+        return self._vq_switch and not switched_off(id(self))
 
     @property
     def params(self) -> VQParams:
@@ -175,6 +190,12 @@ class QuantizerShim(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizerShim:
         # `.to()`, `.cuda()`, `.double()` may put new tensors in place of the registered ones.
         result = super()._apply(fn, recurse)
+        # The params follow a cast, the state keeps at least float32 (`.half()` would turn
+        # 70,000-vector EMA sums into infinities within a few steps).
+        for name in self._state_names:
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.is_floating_point():
+                self._buffers[name] = buffer.to(torch.promote_types(buffer.dtype, torch.float32))
         self._remember_own_tensors()
         return result
 

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
-from vqfunc.nn._no_vq import vq_disabled_everywhere
 from vqfunc.residual._config import ResidualConfig
 from vqfunc.residual._quantize import ResidualOutput, init_params, quantize
 from vqfunc.residual._state import (
@@ -121,7 +120,7 @@ class ResidualVectorQuantize(QuantizerShim):
 
         Inside `vqfunc.no_vq` the layer returns `x` unchanged with a zero loss.
         """
-        if not self.vq_enabled or vq_disabled_everywhere():
+        if not self._quantizing():
             return x, {"loss": x.new_zeros(())}
         training = self.training and self._holds_own_tensors()
         if training and self.cfg.kmeans_init and not self._kmeans_initialized():

@@ -24,7 +24,6 @@ from vqfunc._state import VQState, check_state, init_state, update_state
 from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
-from vqfunc.nn._no_vq import vq_disabled_everywhere
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -160,7 +159,7 @@ class VectorQuantize(QuantizerShim):
             x: the input, with `feature_size` features on `dim`.
             mask: optional `[*B]` (bool or float) mask over the input's non-feature axes.
         """
-        if not self.vq_enabled or vq_disabled_everywhere():
+        if not self._quantizing():
             return x, {"loss": x.new_zeros(())}
         training = self.training and self._holds_own_tensors()
         if training and self.cfg.kmeans_init and not self._kmeans_initialized():
