@@ -280,6 +280,7 @@ def test_forked_child_searches_without_hanging(monkeypatch: pytest.MonkeyPatch) 
     assert child.exitcode == 0
 
 
+@pytest.mark.slow
 def test_torch_path_memory_stays_at_a_chunk() -> None:
     # The full N x K score matrix would be 128 MiB; one chunk's block is 1 MiB. Small results
     # allocated between freed blocks used to fragment the heap and let the peak grow with N.
