@@ -111,13 +111,19 @@ def test_functional_call_on_the_layer_equals_the_pure_call(generator: torch.Gene
     torch.testing.assert_close(g_layer["codebook"], g_pure.codebook)
 
 
-def test_compile_fullgraph_runs_and_does_not_recompile(generator: torch.Generator) -> None:
+# "eager" captures the graph without generating code (about a second on CPU): the quick check
+# that quantize traces as one graph and does not recompile. Inductor's code generation takes
+# tens of seconds on CPU.
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_runs_and_does_not_recompile(
+    backend: str, generator: torch.Generator
+) -> None:
     cfg = VQConfig(feature_size=8, num_codes=32, dim=-1, groups=2, share=False, dist="cosine")
     params = vqfunc.init_params(cfg, generator=generator)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
-        compiled = torch.compile(vqfunc.quantize, fullgraph=True)
+        compiled = torch.compile(vqfunc.quantize, fullgraph=True, backend=backend)
         x1 = torch.randn(16, 8, generator=generator)
         x2 = torch.randn(16, 8, generator=generator)
         z_q1, out1 = compiled(params, x1, cfg)

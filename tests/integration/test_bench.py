@@ -15,6 +15,7 @@ def keep_threads():  # type: ignore[no-untyped-def]
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("keep_threads")
 def test_quick_run_prints_a_table_where_all_methods_agree(
     capsys: pytest.CaptureFixture[str],

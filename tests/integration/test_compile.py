@@ -18,6 +18,9 @@ import vqfunc
 from vqfunc._replace import draw_replace_randomness
 from vqfunc._state import init_state, update_state
 
+# Every test here compiles (seconds to tens of seconds on CPU).
+pytestmark = pytest.mark.slow
+
 STEPS = 3
 
 

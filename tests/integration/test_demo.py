@@ -18,6 +18,7 @@ _ROW = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_table_and_writes_png(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -51,6 +52,7 @@ def test_bad_steps_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_results() -> None:
     train_x, test_x = demo.load_data(0, 0.2)
     settings = demo.Settings(steps=2, warmup_batches=1)

@@ -95,6 +95,7 @@ def trained(launched: Path) -> tuple[Path, list[dict[str, Any]]]:
     return launched, results(launched, "train")
 
 
+@pytest.mark.slow
 def test_ddp_training_keeps_codebooks_and_state_bit_identical(
     trained: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -106,6 +107,7 @@ def test_ddp_training_keeps_codebooks_and_state_bit_identical(
     assert not torch.equal(rank0["vq.ema_counts"], torch.ones_like(rank0["vq.ema_counts"]))
 
 
+@pytest.mark.slow
 def test_without_the_collectives_the_ranks_diverge(
     trained: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -116,6 +118,7 @@ def test_without_the_collectives_the_ranks_diverge(
     assert not torch.equal(control[0]["vq.ema_counts"], control[1]["vq.ema_counts"])
 
 
+@pytest.mark.slow
 def test_checkpoint_resumed_in_fresh_processes_continues_identically(
     trained: tuple[Path, list[dict[str, Any]]],
 ) -> None:
@@ -131,6 +134,7 @@ def one_rank_empty(launched: Path) -> list[dict[str, Any]]:
     return results(launched, "empty")
 
 
+@pytest.mark.slow
 def test_a_rank_with_empty_or_masked_batches_does_not_hang(
     one_rank_empty: list[dict[str, Any]],
 ) -> None:
@@ -159,6 +163,7 @@ def test_a_rank_with_empty_or_masked_batches_does_not_hang(
     assert_trees_equal(one["synced"], one["local"], "one_empty vs local")
 
 
+@pytest.mark.slow
 def test_synced_update_sums_statistics_and_picks_candidates_by_rank(
     one_rank_empty: list[dict[str, Any]],
 ) -> None:

@@ -202,6 +202,7 @@ def test_quantize_equals_the_simple_composition(
     torch.testing.assert_close(out.loss, want_loss)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_with_backward_does_not_recompile(generator: torch.Generator) -> None:
     cfg = VQConfig(feature_size=8, num_codes=16, dim=-1, groups=2, share=False, sync_nu=0.5)
     params = vqfunc.init_params(cfg, generator=generator)

@@ -115,6 +115,7 @@ def test_failed_build_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: obje
         _cpu_kernel._library.cache_clear()
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_compiler_without_openmp_builds_single_threaded_kernels(
     monkeypatch: pytest.MonkeyPatch, tmp_path: object
@@ -197,6 +198,7 @@ def test_nested_vmap() -> None:
             assert torch.equal(codes[a, b], nearest_codes(vectors[a, b], books[a])[0])
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_without_recompiles() -> None:
     import torch._dynamo
 
@@ -278,6 +280,7 @@ def test_forked_child_searches_without_hanging(monkeypatch: pytest.MonkeyPatch) 
     assert child.exitcode == 0
 
 
+@pytest.mark.slow
 def test_torch_path_memory_stays_at_a_chunk() -> None:
     # The full N x K score matrix would be 128 MiB; one chunk's block is 1 MiB. Small results
     # allocated between freed blocks used to fragment the heap and let the peak grow with N.

@@ -66,12 +66,14 @@ def interpreter_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
     return run_worker(tmp_path_factory.mktemp("triton") / "results.json", "cpu")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("check", CHECKS)
 def test_kernel_in_interpreter(check: str, interpreter_results: dict[str, str]) -> None:
     assert interpreter_results[check] == "ok", interpreter_results[check]
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_kernel_on_cuda(tmp_path: Path) -> None:
