@@ -37,7 +37,7 @@ settings.load_profile(os.environ.get("VQFUNC_HYPOTHESIS_PROFILE", "vqfunc"))
 @pytest.fixture(scope="session")
 def parity_records() -> dict[str, dict[str, Any]]:
     """vqtorch's reference results: case name -> record (the format is described in
-    tests/test_parity.py)."""
+    tests/integration/test_parity.py)."""
     return torch.load(PARITY_FILE, weights_only=False)
 
 

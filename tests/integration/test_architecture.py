@@ -416,11 +416,6 @@ def test_kernels_import_nothing_of_vqfunc_outside_the_kernels() -> None:
     assert not violations, report(violations)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="some public modules do not define __all__ yet (the package is being reorganised); "
-    "strict once they do",
-)
 def test_the_top_level_and_every_public_module_define_all() -> None:
     violations = [v for source in SOURCES for v in missing_all(source)]
     assert not violations, report(violations)
