@@ -43,14 +43,24 @@ CFG = vqfunc.VQConfig(feature_size=8, num_codes=16, dim=-1, replace_freq=2, ema_
 
 
 def functional_step(
-    params: vqfunc.VQParams, state: Any, enc: torch.Tensor, x: torch.Tensor, randomness: Any
+    params: vqfunc.VQParams,
+    state: Any,
+    enc: torch.Tensor,
+    x: torch.Tensor,
+    randomness: Any,
+    broken: torch.Tensor,
 ) -> tuple[vqfunc.VQParams, Any, torch.Tensor]:
-    """Encode, quantize, loss, gradient of the encoder, then EMA and dead-code replacement."""
+    """Encode, quantize, loss, gradient of the encoder, then EMA and dead-code replacement.
+
+    The encoder's output rows where `broken` `[N]` is True are NaN (a numerical failure
+    upstream): the quantizer leaves them out, and the task loss masks them with `out.valid`.
+    """
 
     def loss_fn(enc: torch.Tensor) -> tuple[torch.Tensor, vqfunc.QuantizeOutput]:
-        z = x @ enc
+        z = torch.where(broken.unsqueeze(-1), torch.nan, x @ enc)
         z_q, out = vqfunc.quantize(params, z, CFG)
-        return (z_q - z).square().mean() + out.loss, out
+        error = torch.where(out.valid.unsqueeze(-1), z_q - z, 0.0)
+        return error.square().mean() + out.loss, out
 
     grad, out = torch.func.grad(loss_fn, has_aux=True)(enc)
     params, state = update_state(params, state, out, CFG, randomness=randomness)
@@ -63,10 +73,11 @@ def run_functional(step: Callable[..., Any]) -> list[Any]:
     state = init_state(params, CFG)
     enc = 0.3 * torch.randn(6, 8, generator=g)
     history = []
-    for _ in range(STEPS):
+    for i in range(STEPS):
         x = torch.randn(32, 6, generator=g)
         randomness = draw_replace_randomness(32, CFG, generator=g)
-        params, state, enc = step(params, state, enc, x, randomness)
+        broken = (torch.arange(32) % 5 == 0) & (i == 1)  # NaN rows on the second step
+        params, state, enc = step(params, state, enc, x, randomness, broken)
         history.append((params, state, enc))
     return history
 
@@ -81,6 +92,10 @@ def test_compiled_functional_training_step(dynamo_counters: Any) -> None:
         torch.testing.assert_close(s.ema.sums, s_ref.ema.sums, rtol=1e-5, atol=1e-5)
         assert torch.equal(s.replace.counters, s_ref.replace.counters)
         torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5)
+    # The NaN rows of the second step reached no parameter or state tensor.
+    for p, s, e in compiled:
+        assert p.codebook.isfinite().all() and e.isfinite().all()
+        assert s.ema.counts.isfinite().all() and s.ema.sums.isfinite().all()
     # The steps did move the state (so that the comparison above means something).
     counters = [s.replace.counters for _, s, _ in eager]
     assert not all(torch.equal(counters[0], c) for c in counters[1:])
