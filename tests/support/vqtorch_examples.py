@@ -10,7 +10,8 @@ changed only where this machine needs it, the same way for vqtorch and for `vqfu
 - the training scripts run `steps` iterations instead of 300 or 1000;
 - `tqdm`'s `trange` and `print` are recorders, and the numbers they show are formatted with
   nine significant digits instead of one to three, so that the record holds them exactly;
-- the README's `>>> ...` output line is dropped (it is not Python; the tests check it).
+- the README's `>>> ...` output line is dropped (it is not Python; the tests check it);
+- they run in float64 (see `run`).
 
 `run(source, ...)` executes an adapted script and returns its record: the lines it printed,
 one entry per training run (every step's numbers, and a digest of the model at the end) and a
@@ -114,8 +115,22 @@ class _Run:
         self.steps.append([float(v) for v in _NUMBER.findall(text)])
 
 
-def run(source: str, *, dataset: torch.utils.data.Dataset | None = None, seed: int = 0) -> dict:
-    """Execute an adapted script from a fresh global seed; return its record."""
+def run(
+    source: str,
+    *,
+    dataset: torch.utils.data.TensorDataset | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, Any]:
+    """Execute an adapted script from a fresh global seed; return its record.
+
+    The script runs with `dtype` as torch's default dtype (and the digits in it): in float64
+    both libraries' searches pick the true nearest code, where in float32 their different
+    roundings may decide a near-tie differently, after which two trainings part ways.
+    """
+    if dataset is not None:
+        images, labels = dataset.tensors
+        dataset = torch.utils.data.TensorDataset(images.to(dtype), labels)
     runs: list[dict[str, Any]] = []
     printed: list[str] = []
     snapshots: list[dict[str, Any]] = []
@@ -139,7 +154,12 @@ def run(source: str, *, dataset: torch.utils.data.Dataset | None = None, seed: i
     namespace["print"] = record_print
     namespace["trange"] = lambda n: _Run(n, namespace, runs)
     torch.manual_seed(seed)
-    exec(compile(source, "<vqtorch example>", "exec"), namespace)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        exec(compile(source, "<vqtorch example>", "exec"), namespace)
+    finally:
+        torch.set_default_dtype(previous)
     final = None
     if "vq_dict" in namespace:
         final = {
