@@ -58,10 +58,9 @@ class AffineTransform(nn.Module):
         if use_running_statistics:
             self.momentum = momentum
             self.register_buffer("running_statistics_initialized", torch.zeros(1))
-            for name in ("running_ze_mean", "running_c_mean"):
-                self.register_buffer(name, torch.zeros(num_groups, feature_size))
-            for name in ("running_ze_var", "running_c_var"):
-                self.register_buffer(name, torch.ones(num_groups, feature_size))
+            for kind in ("ze", "c"):  # in vqtorch's order, so state_dict keys keep it
+                self.register_buffer(f"running_{kind}_mean", torch.zeros(num_groups, feature_size))
+                self.register_buffer(f"running_{kind}_var", torch.ones(num_groups, feature_size))
         else:
             self.scale = nn.Parameter(torch.zeros(num_groups, feature_size))
             self.bias = nn.Parameter(torch.zeros(num_groups, feature_size))
