@@ -24,6 +24,8 @@ from support.vqtorch_cases import CASES, Case
 import vqfunc.vqtorch as vqtorch
 import vqfunc.vqtorch.nn.utils.init as vqtorch_init
 
+pytestmark = pytest.mark.filterwarnings("ignore:kmeans_init")
+
 # Differences between vqtorch's cdist-based search and loss and vqfunc's fused kernels are
 # rounding steps; after 25 training steps they stay below these.
 RTOL, ATOL = 1e-4, 2e-5
@@ -46,6 +48,11 @@ def assert_same(actual: Any, expected: Any, path: str = "") -> None:
         assert list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}"
         for key in expected:
             assert_same(actual[key], expected[key], f"{path}/{key}")
+        return
+    if isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), path
+        for i, (a, b) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, b, f"{path}[{i}]")
         return
     if not isinstance(expected, torch.Tensor):
         assert actual == expected, path
@@ -106,6 +113,10 @@ def test_training_matches_vqtorch_step_by_step(
     assert_same(actual, expected)
 
 
+def test_norms_dists_entropy_pooling_and_affine_match_vqtorch(records: dict[str, Any]) -> None:
+    assert_same(vqtorch_cases.functions(vqtorch), records["functions"])
+
+
 # --- the single-forward records of test_parity.py, through the compatibility layers ----------
 
 SINGLE_PASS = (
@@ -145,3 +156,33 @@ def test_single_pass_records(name: str, parity_records: dict[str, dict[str, Any]
         torch.testing.assert_close(
             layer.affine_transform.bias.grad, record["affine_bias_raw_grad"], rtol=1e-5, atol=1e-6
         )
+
+
+# --- with vqtorch itself, where its checkout is beside the repository ----------------------
+
+CHECKOUT = vqtorch_cases.vqtorch_checkout()
+
+
+@pytest.mark.skipif(CHECKOUT is None, reason="vqtorch's checkout (../shared/vqtorch) is absent")
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", list(CASES))
+def test_state_dicts_travel_both_ways_with_vqtorch(name: str, kmeans_rule: None) -> None:
+    """A state saved here loads into vqtorch with strict=True, and vqtorch's loads here; the
+    two layers then give the same evaluation-mode output."""
+    assert CHECKOUT is not None
+    real = vqtorch_cases.import_vqtorch(CHECKOUT)
+    case = CASES[name]
+    trained_here = vqtorch_cases.train(vqtorch, case, steps=3)
+    trained_there = vqtorch_cases.train(real, case, steps=3)
+    for state in (trained_here["final_state"], trained_there["final_state"]):
+        ours, _ = vqtorch_cases.build(vqtorch, case)
+        theirs, _ = vqtorch_cases.build(real, case)
+        ours.load_state_dict(state, strict=True)
+        theirs.load_state_dict(state, strict=True)
+        ours.eval(), theirs.eval()
+        x = vqtorch_cases._layout(torch.randn(3, 2, 2, case.args[0]), case)
+        with torch.no_grad():
+            z_q, misc = ours(x)
+            z_q_real, misc_real = theirs(x)
+        torch.testing.assert_close(z_q, z_q_real, rtol=1e-5, atol=1e-6)
+        assert torch.equal(misc["q"], misc_real["q"])

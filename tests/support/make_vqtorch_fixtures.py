@@ -17,6 +17,8 @@ What it records, all computed by vqtorch itself on CPU:
 - `examples`: vqtorch's example scripts as `support.vqtorch_examples` adapts them (digits for
   MNIST, 25 steps, no CUDA): every training step's printed numbers and a digest of each model;
 - `readme`: the README's snippet, likewise;
+- `functions`: the outputs of vqtorch's norms, dists, entropy, pooling layers and affine map
+  (both modes) on fixed inputs (`support.vqtorch_cases.functions`);
 - `api.json`: vqtorch's public names, classes and signatures (`support.vqtorch_api`).
 
 Where vqtorch cannot run on CPU it is patched here, and the tests patch `vqfunc.vqtorch` the
@@ -85,6 +87,7 @@ def main() -> None:
     readme = vqtorch_examples.run(vqtorch_examples.adapt(code, "vqtorch"))
     readme["outputs"] = outputs
     records = {
+        "functions": vqtorch_cases.functions(vqtorch),
         "meta": {
             "vqtorch_commit": vqtorch_commit(checkout),
             "torch": torch.__version__,

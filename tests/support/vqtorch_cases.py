@@ -285,3 +285,60 @@ def import_vqtorch(checkout: Path) -> ModuleType:
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     return importlib.import_module("vqtorch")
+
+
+# --- vqtorch's other modules: norms, dists, math_fns, pool, the running-statistics affine ----
+
+
+def functions(package: ModuleType) -> dict[str, Any]:
+    """Outputs of `package`'s non-layer functions and modules on fixed inputs (where vqtorch
+    works: its cosine search and its `entropy` over inner axes are left out)."""
+    importlib.import_module(f"{package.__name__}.nn.pool")
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 5, generator=g) * 4
+    x, y = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    tensor, book = torch.randn(2, 9, 5, generator=g), torch.randn(7, 5, generator=g)
+    image = torch.randn(2, 3, 6, 7, generator=g)
+    counts = torch.rand(4, 6, generator=g) * 5
+    norms, dists = package.norms, package.dists
+    out: dict[str, Any] = {
+        "max_norm": norms.max_norm(w, max_norm=5.0),
+        "max_norm_default": norms.max_norm(w * 3),
+        "normalize": norms.Normalize()(x),
+        "max_norm_constraint": norms.MaxNormConstraint(max_norm=2.0)(x),
+        "match_norm": norms.match_norm(x, y, dim=1),
+        "get_norm": [
+            type(norms.get_norm(n, 32)[0]).__name__ for n in ("l2", "l2c", "bn", "gn", "in", None)
+        ],
+        "before_grouping": [
+            norms.get_norm(n, 32)[1] for n in ("l2", "l2c", "bn", "gn", "in", None)
+        ],
+        "euclidean_distance": dists.euclidean_distance(x, y),
+        "cosine_distance": dists.cosine_distance(x, y),
+        "cdist_top1": dists.euclidean_cdist_topk(tensor, book),
+        "cdist_top3": dists.euclidean_cdist_topk(tensor, book, 4, 3),
+        "cdist_all": dists.euclidean_cdist_topk(tensor, book, topk=-1),
+        "entropy_last": package.math_fns.entropy(counts),
+        "entropy_first": package.math_fns.entropy(counts, dim=0),
+        "entropy_keepdim": package.math_fns.entropy(counts, keepdim=True),
+        "entropy_vector": package.math_fns.entropy(counts[0]),
+        "max_vec_pool": package.nn.pool.MaxVecPool2d()(image),
+        "max_vec_pool_k2": package.nn.pool.MaxVecPool2d(2, 1, 0)(image),
+        "softmax_vec_pool": package.nn.pool.SoftMaxVecPool2d()(image),
+        "max_onehot": package.nn.pool.MaxVecPool2d.max_onehot(counts.view(2, 3, 4), dim=1),
+    }
+    affine = package.nn.AffineTransform(5, use_running_statistics=True, num_groups=1, momentum=0.3)
+    affine.train()
+    for step in range(3):
+        affine.update_running_statistics(tensor * (step + 1), book + step)
+    out["running_affine"] = {
+        "codebook": affine(book),
+        "params": affine.get_affine_params(),
+        "state": {k: v.clone() for k, v in affine.state_dict().items()},
+    }
+    learned = package.nn.AffineTransform(5, lr_scale=3.0, num_groups=7)
+    with torch.no_grad():
+        learned.scale.copy_(torch.randn(7, 5, generator=g))
+        learned.bias.copy_(torch.randn(7, 5, generator=g))
+    out["learned_affine"] = learned(book)
+    return out
