@@ -20,13 +20,15 @@ __all__ = ["GroupVectorQuant"]
 class GroupVectorQuant(VectorQuant):
     """vqtorch's grouped vector quantizer (see the module docstring).
 
+    The other arguments (`beta`, `sync_nu`, `affine_lr`, `affine_groups`, `replace_freq`,
+    `inplace_optimizer`, `dim`, `norm`, `cb_norm`, `kmeans_init`) are `VectorQuant`'s, as
+    keywords.
+
     Args:
         feature_size: size of the quantized axis `dim`; a multiple of `groups`.
         num_codes: codebook rows (with `share=False`, of all groups together).
         groups: sub-vectors per vector (1: the same as `VectorQuant`).
         share: whether the groups share one codebook.
-        beta, sync_nu, affine_lr, affine_groups, replace_freq, inplace_optimizer, dim, norm,
-            cb_norm, kmeans_init: see `VectorQuant` (keyword arguments).
     """
 
     _distances_in_input_dtype = False

@@ -32,14 +32,16 @@ __all__ = ["ResidualVectorQuant"]
 class ResidualVectorQuant(VectorQuant):
     """vqtorch's residual vector quantizer (see the module docstring).
 
+    The other arguments (`beta`, `sync_nu`, `affine_lr`, `affine_groups`, `replace_freq`,
+    `inplace_optimizer`, `dim`, `norm`, `cb_norm`, `kmeans_init`) are `VectorQuant`'s, as
+    keywords. Codebook normalisation is best left off: residual quantization depends on the
+    codes' norms.
+
     Args:
         feature_size: size of the quantized axis `dim` (every code has `feature_size` entries).
         num_codes: codebook rows (with `share=False`, of all levels together).
         groups: number of residual levels (1: the same as `VectorQuant`).
         share: whether the levels share one codebook.
-        beta, sync_nu, affine_lr, affine_groups, replace_freq, inplace_optimizer, dim, norm,
-            cb_norm, kmeans_init: see `VectorQuant` (keyword arguments). Codebook
-            normalisation is best left off: residual quantization depends on the codes' norms.
     """
 
     _distances_in_input_dtype = False

@@ -89,7 +89,11 @@ class VectorQuant(_VQBaseLayer):
             momentum=0.9)`; needs `beta=1.0`. Every training forward pass then searches the
             codes, takes one step of that optimizer on `mse(sg(z), C[q])`, and returns the
             updated codes of the same assignments.
-        dim, norm, cb_norm, kmeans_init, code_vector_size: see `_VQBaseLayer`.
+        dim: the feature axis (see `_VQBaseLayer`).
+        norm: input normalisation (see `_VQBaseLayer`).
+        cb_norm: codebook normalisation (see `_VQBaseLayer`).
+        kmeans_init: k-means warm-up on the first training batch (see `_VQBaseLayer`).
+        code_vector_size: size of the affine scale and bias (see `_VQBaseLayer`).
     """
 
     # vqtorch's plain layer reports distances in the input's dtype, the others in the default.
