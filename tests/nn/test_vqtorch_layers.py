@@ -273,3 +273,30 @@ def test_no_vq_with_vqtorch_calling_convention() -> None:
         assert not model[1].enabled
     assert vqtorch.get_vq_layers(model) == [model[1]]
     assert vqtorch.is_vqn(model) and not vqtorch.is_vqn(nn.Linear(2, 2))
+
+
+# --- vqtorch's building blocks, as methods ------------------------------------------------------
+
+
+def test_quantize_compute_loss_and_straight_through_methods() -> None:
+    torch.manual_seed(0)
+    layer = VectorQuant(8, 16, beta=0.7, sync_nu=0.5, affine_lr=1.0, dim=-1)
+    z = torch.randn(3, 5, 8, requires_grad=True)
+    z_q, d, q = layer.quantize(layer.codebook.weight, z)
+    assert z_q.shape == z.shape and d.shape == q.shape == (3, 5)
+    _, misc = layer(z)
+    assert torch.equal(q, misc["q"].squeeze(-1))
+    torch.testing.assert_close(d, misc["d"].squeeze(-1))
+    loss = layer.compute_loss(z, z_q)
+    assert loss.shape == (3,)  # vqtorch's per-batch-element loss
+    torch.testing.assert_close(loss.mean(), misc["loss"])
+    out = layer.straight_through_approximation(z, z_q)
+    torch.testing.assert_close(out, z_q)
+    out.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+
+
+def test_inputs_of_rank_one_and_two_work() -> None:
+    layer = GroupVectorQuant(8, 16, 2, dim=-1)
+    assert layer(torch.randn(8))[1]["q"].shape == (2,)
+    assert layer(torch.randn(5, 8))[1]["q"].shape == (5, 2)
