@@ -298,3 +298,26 @@ def test_no_warning_is_left_behind() -> None:
         warnings.simplefilter("error")
         layer = VectorQuant(4, 8, dim=-1)
         layer(torch.randn(50, 4))
+
+
+def test_vector_pooling_with_a_dilation() -> None:
+    x = torch.randn(2, 3, 9, 9)
+    pooled = vqtorch.nn.MaxVecPool2d(kernel_size=3, stride=2, padding=2, dilation=2)(x)
+    windows = F.unfold(x, 3, dilation=2, padding=2, stride=2).view(2, 3, 9, -1)
+    pick = windows.norm(dim=1).argmax(1)  # [2, L]
+    expected = windows.gather(2, pick[:, None, None].expand(2, 3, 1, -1)).squeeze(2)
+    assert torch.equal(pooled.flatten(2), expected)
+
+
+def test_running_statistics_affine_in_a_grouped_layer() -> None:
+    layer = GroupVectorQuant(8, 16, 2, False, affine_lr=1.0, dim=-1)
+    layer.affine_transform = vqtorch.nn.AffineTransform(4, use_running_statistics=True)
+    x = torch.randn(40, 8) * 3 + 1
+    layer.train()
+    _, misc = layer(x)
+    assert layer.affine_transform.running_statistics_initialized.item() == 1
+    assert misc["q"].shape == (40, 2)
+    residual = ResidualVectorQuant(8, 16, 2, affine_lr=1.0, dim=-1)
+    residual.affine_transform = vqtorch.nn.AffineTransform(8, use_running_statistics=True)
+    with pytest.raises(NotImplementedError, match="running statistics"):
+        residual(x)

@@ -341,4 +341,15 @@ def functions(package: ModuleType) -> dict[str, Any]:
         learned.scale.copy_(torch.randn(7, 5, generator=g))
         learned.bias.copy_(torch.randn(7, 5, generator=g))
     out["learned_affine"] = learned(book)
+    # A grouped layer whose affine map is swapped for one with running statistics: every
+    # group's search first folds that group's vectors into the statistics.
+    torch.manual_seed(3)
+    layer = package.nn.GroupVectorQuant(8, 16, 2, False, affine_lr=1.0, dim=-1)
+    layer.affine_transform = package.nn.AffineTransform(4, use_running_statistics=True)
+    layer.train()
+    steps = []
+    for step in range(3):
+        z_q, misc = layer(torch.randn(12, 8, generator=g) * (step + 2) + step)
+        steps.append({"z_q": z_q.detach(), "q": misc["q"], "loss": misc["loss"].detach().mean()})
+    out["running_affine_layer"] = {"steps": steps, "state": _state(layer)}
     return out

@@ -12,7 +12,8 @@ replacement draws). The layers are adapters over vqfunc's functional core (`vqfu
 `vqfunc.residual.quantize`, the replacement step and k-means of `vqfunc`).
 
 For new code, vqfunc's own `vqfunc.nn.VectorQuantize` keeps its cleaner conventions
-(group-local codes, `[groups, K, d]` codebooks, no trailing code axis, any layout of state).
+(group-local codes, `[groups, K, d]` codebooks, no trailing code axis) and offers more (masks,
+EMA codebooks, the functional form, `torch.distributed`); `docs/migration.md` compares them.
 
 Where vqtorch is broken, this package does the right thing in a form vqtorch code accepts:
 
@@ -54,7 +55,13 @@ Where vqtorch is broken, this package does the right thing in a form vqtorch cod
   (vqtorch has them in `nn.pool` only), and take a dilation;
 - `math_fns.entropy` keeps the axes in order for every `dim`;
 - `ReplaceLRU` accepts `rho=0` (no noise: the default of its own `apply`) and a period of 1;
-- an unknown `cb_norm` is an error (vqtorch ignores it), and every error names the value.
+- an unknown `cb_norm` is an error (vqtorch ignores it), and every error names the value;
+- nothing is printed (vqtorch's grouped k-means warm-up prints the codebook's shape).
+
+Not supported: a `ResidualVectorQuant` whose `affine_transform` is replaced by an
+`AffineTransform` in running-statistics mode (vqtorch's layers never build one; the residual
+core does not expose each level's residual before that level's search) raises
+`NotImplementedError`. The grouped and plain layers support it.
 """
 
 from vqfunc.vqtorch import dists as dists
