@@ -158,11 +158,12 @@ class ResidualVectorQuant(VectorQuant):
 
     def _quantize_levels(self, rows: Tensor) -> tuple[Tensor, ResidualOutput]:
         """`vqfunc.residual.quantize` on rows `[*B, F]`, with the in-place step in training."""
-        books, cfg = self._residual_books()
         if not (self.training and hasattr(self, "inplace_codebook_optimizer")):
+            books, cfg = self._residual_books()
             return quantize(_empty_affine(books, cfg), rows, cfg)
         with torch.no_grad():
-            _, searched = quantize(_empty_affine(books.detach(), cfg), rows, cfg)
+            books, cfg = self._residual_books()
+            _, searched = quantize(_empty_affine(books, cfg), rows, cfg)
         code_rows = searched.codes.reshape(-1, cfg.levels)
         residuals = searched.residuals[..., : cfg.levels, :].reshape(
             -1, cfg.levels, cfg.feature_size

@@ -248,15 +248,15 @@ class VectorQuant(_VQBaseLayer):
     def _quantize_parts(self, z: Tensor) -> tuple[Tensor, QuantizeOutput, Tensor | None]:
         """`vqfunc.quantize` on `z` `[*B, G, d]`: `(z_q [*B, F], out, code offsets or None)`."""
         flat = z.flatten(-2)
-        in_place = self.training and hasattr(self, "inplace_codebook_optimizer")
-        books, cfg = self._effective_books(z, update_statistics=True)
-        if not in_place:
+        if not (self.training and hasattr(self, "inplace_codebook_optimizer")):
+            books, cfg = self._effective_books(z, update_statistics=True)
             z_q, out = quantize(_empty_affine(books, cfg), flat, cfg)
             return z_q, out, self._code_offsets(z)
         # vqtorch's alternating step: search, step the codebook on the codes found, and look
         # the same codes up in the updated codebook.
         with torch.no_grad():
-            _, searched = quantize(_empty_affine(books.detach(), cfg), flat, cfg)
+            books, cfg = self._effective_books(z, update_statistics=True)
+            _, searched = quantize(_empty_affine(books, cfg), flat, cfg)
 
         def loss() -> Tensor:
             books, _ = self._effective_books(z, update_statistics=False)
