@@ -45,10 +45,7 @@ from vqfunc._state import VQState as VQState
 from vqfunc._state import init_state as init_state
 from vqfunc._state import update_state as update_state
 from vqfunc._warmup import warmup_params as warmup_params
-from vqfunc.nn import GroupVectorQuant as GroupVectorQuant
-from vqfunc.nn import ResidualVectorQuant as ResidualVectorQuant
 from vqfunc.nn import ResidualVectorQuantize as ResidualVectorQuantize
-from vqfunc.nn import VectorQuant as VectorQuant
 from vqfunc.nn import VectorQuantize as VectorQuantize
 from vqfunc.nn import codebook_warmup as codebook_warmup
 from vqfunc.nn import no_vq as no_vq
@@ -63,17 +60,14 @@ __all__ = [
     "CodebookLayout",
     "EMAState",
     "EMAStatistics",
-    "GroupVectorQuant",
     "QuantizeOutput",
     "QuantizerConfig",
     "ReplaceRandomness",
     "ReplaceState",
-    "ResidualVectorQuant",
     "ResidualVectorQuantize",
     "VQConfig",
     "VQParams",
     "VQState",
-    "VectorQuant",
     "VectorQuantize",
     "alternating_step",
     "checkpoint",

@@ -22,9 +22,22 @@ def effective_codebook(params: VQParams, cfg: QuantizerConfig) -> Tensor:
     """
     if cfg.affine_lr == 0:
         return params.codebook
-    scale, bias = affine_scale_bias(params, cfg)
-    codebook = params.codebook
-    blocks = codebook.unflatten(-2, (cfg.affine_groups, -1))  # [..., A, K / A, d]
+    return apply_affine(params.codebook, *affine_scale_bias(params, cfg))
+
+
+def apply_affine(codebook: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """`scale * c + bias` for the codes `c` of `codebook`, block by block.
+
+    Args:
+        codebook: `[..., K, d]` codes.
+        scale: `[..., A, d]` effective scale of each of `A` consecutive blocks of `K / A` codes
+            (the last axis may also be 1, one number per block).
+        bias: effective bias, shaped like `scale`.
+
+    Returns:
+        A tensor shaped like `codebook`.
+    """
+    blocks = codebook.unflatten(-2, (scale.shape[-2], -1))  # [..., A, K / A, d]
     mapped = blocks * scale.unsqueeze(-2) + bias.unsqueeze(-2)
     return mapped.flatten(-3, -2)
 

@@ -208,12 +208,23 @@ def replace_step(
     cfg: QuantizerConfig,
 ) -> tuple[VQParams, ReplaceState, Tensor]:
     """`replace_dead_codes`, also returning which codes were replaced (`[num_books, K]`)."""
+    return replace_expired(params, count_down(state, histogram, cfg), candidates, cfg)
+
+
+def count_down(state: ReplaceState, histogram: Tensor, cfg: QuantizerConfig) -> ReplaceState:
+    """The first half of a replacement step: counters of used codes back at `T`, the others
+    one lower (never below 0). The codes at 0 are the dead ones `replace_expired` replaces.
+
+    Args:
+        state: current counters.
+        histogram: `[num_books, K]` code counts of the batch; a code with a count > 0 was used.
+        cfg: the static configuration (`replace_freq > 0`).
+    """
     if cfg.replace_freq <= 0:
         raise ValueError(
             f"replace_dead_codes: cfg.replace_freq is {cfg.replace_freq}; expected a period "
             "> 0 (replacement is off)"
         )
-    period = cfg.replace_freq
     counters = state.counters
     expected = (cfg.layout.num_books, cfg.layout.codes_per_book)
     if tuple(counters.shape) != expected:
@@ -222,7 +233,20 @@ def replace_step(
             f"{expected} (from init_replace_state(params, cfg))"
         )
     used = histogram > 0
-    counters = torch.where(used, period, counters - 1).clamp(min=0)
+    return ReplaceState(torch.where(used, cfg.replace_freq, counters - 1).clamp(min=0))
+
+
+def replace_expired(
+    params: VQParams, state: ReplaceState, candidates: Candidates, cfg: QuantizerConfig
+) -> tuple[VQParams, ReplaceState, Tensor]:
+    """The second half of a replacement step: every code whose counter is 0 (and whose
+    candidate is valid) becomes its candidate, and its counter restarts at `T`.
+
+    Returns:
+        New params, counters, and which codes were replaced (`[num_books, K]` bool).
+    """
+    period = cfg.replace_freq
+    counters = state.counters
     replaced = (counters == 0) & candidates.valid
     effective = as_books(effective_codebook(params, cfg), cfg)
     new_effective = torch.where(

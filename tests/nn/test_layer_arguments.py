@@ -18,7 +18,6 @@ from vqfunc.residual import ResidualConfig
 
 LAYERS = [
     (vqfunc.VectorQuantize, vqfunc.VQConfig),
-    (vqfunc.GroupVectorQuant, vqfunc.VQConfig),
     (vqfunc.ResidualVectorQuantize, ResidualConfig),
 ]
 # The layers' own arguments: what builds the tensors, not what configures the quantizer.

@@ -2,23 +2,18 @@
 
 `VectorQuantize` and `ResidualVectorQuantize` hold their params and state as parameters and
 buffers and are the library's only place of mutation; `codebook_warmup` warms every VQ layer of
-a model from data; `no_vq` turns layers into identities. vqtorch's class names are aliases.
+a model from data; `no_vq` turns layers into identities. vqtorch's classes, under its
+names and conventions, are in `vqfunc.vqtorch`.
 The pure core never imports this package.
 """
 
-from vqfunc.nn._aliases import GroupVectorQuant as GroupVectorQuant
-from vqfunc.nn._aliases import ResidualVectorQuant as ResidualVectorQuant
-from vqfunc.nn._aliases import VectorQuant as VectorQuant
 from vqfunc.nn._codebook_warmup import codebook_warmup as codebook_warmup
 from vqfunc.nn._no_vq import no_vq as no_vq
 from vqfunc.nn._residual_vector_quantize import ResidualVectorQuantize as ResidualVectorQuantize
 from vqfunc.nn._vector_quantize import VectorQuantize as VectorQuantize
 
 __all__ = [
-    "GroupVectorQuant",
-    "ResidualVectorQuant",
     "ResidualVectorQuantize",
-    "VectorQuant",
     "VectorQuantize",
     "codebook_warmup",
     "no_vq",

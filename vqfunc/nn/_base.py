@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vqfunc._affine import effective_codebook
 from vqfunc._config import QuantizerConfig
 from vqfunc._params import VQParams
 from vqfunc._state import state_buffers, state_from_buffers
@@ -85,6 +86,34 @@ class QuantizerShim(nn.Module):
     def params(self) -> VQParams:
         """The layer's parameters as a `VQParams` (the layer's own tensors, not copies)."""
         return VQParams(self.codebook, self.affine_scale, self.affine_bias)
+
+    # Read-only views of the configuration, for code that inspects any VQ layer.
+
+    @property
+    def feature_size(self) -> int:
+        """`cfg.feature_size`: size `F` of the quantized axis."""
+        return self.cfg.feature_size
+
+    @property
+    def num_codes(self) -> int:
+        """`cfg.num_codes`: codes of all codebooks together."""
+        return self.cfg.num_codes
+
+    @property
+    def dim(self) -> int:
+        """`cfg.dim`: the feature axis of the input."""
+        return self.cfg.dim
+
+    @property
+    def beta(self) -> float:
+        """`cfg.beta`: weight of the codebook term of the commitment loss."""
+        return self.cfg.beta
+
+    @torch.no_grad()
+    def get_codebook(self) -> Tensor:
+        """The codes the search sees (`vqfunc.effective_codebook`: the affine map applied),
+        detached, shaped like `codebook` (`cfg.codebook_shape`)."""
+        return effective_codebook(self.params, self.cfg).detach()
 
     @torch.no_grad()
     def load_params(self, params: VQParams) -> None:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 
 class ResidualVectorQuantize(QuantizerShim):
-    """A residual vector-quantization layer, a drop-in for vqtorch's `ResidualVectorQuant`.
+    """A residual vector-quantization layer with vqtorch's arguments and vqfunc's conventions
+    (for vqtorch's own layout, `vqfunc.vqtorch.nn.ResidualVectorQuant`).
 
     `z_q, misc = layer(z_e)`: `z_q` has `z_e`'s shape and dtype and is the sum of the codes
     of all levels; `misc["loss"]` is the commitment loss between `z_e` and that sum (a scalar
@@ -101,6 +102,16 @@ class ResidualVectorQuantize(QuantizerShim):
         self.process_group = process_group
         self._register_tensors(params, init_state(params, self.cfg))
         self._register_load_state_dict_pre_hook(_fill_missing_counters, with_module=True)
+
+    @property
+    def groups(self) -> int:
+        """`cfg.levels`: the number of residual levels, under vqtorch's name for it."""
+        return self.cfg.levels
+
+    @property
+    def levels(self) -> int:
+        """`cfg.levels`: the number of residual levels."""
+        return self.cfg.levels
 
     @property
     def state(self) -> ResidualState:

@@ -32,11 +32,14 @@ InplaceOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 class VectorQuantize(QuantizerShim):
-    """A vector-quantization layer, a drop-in for vqtorch's `VectorQuant`.
+    """A vector-quantization layer with vqtorch's arguments and vqfunc's conventions.
 
     `z_q, misc = layer(z_e)`: `z_q` has `z_e`'s shape and dtype; `misc["loss"]` is the
     commitment loss; `misc` also holds `"codes"` (alias `"q"`), `"distances"` (alias `"d"`),
     `"perplexity"`, `"z"`, `"z_q"` and `"histogram"` (see `QuantizeOutput`).
+    `layer.feature_size`, `num_codes`, `dim`, `groups` and `beta` read `layer.cfg`;
+    `layer.get_codebook()` gives the effective codes. For vqtorch's own layout of codes,
+    `misc` and `state_dict`, use `vqfunc.vqtorch.nn.VectorQuant`.
     `layer(z_e, mask=m)` takes a `[*B]` mask over the input's non-feature axes: masked
     positions are quantized but count in no loss, statistic or replacement.
 
@@ -129,6 +132,11 @@ class VectorQuantize(QuantizerShim):
         self.inplace_codebook_optimizer: torch.optim.Optimizer | None = None
         if inplace_optimizer is not None:
             self.inplace_codebook_optimizer = inplace_optimizer([self.codebook])
+
+    @property
+    def groups(self) -> int:
+        """`cfg.groups`: sub-vectors per input vector."""
+        return self.cfg.groups
 
     @property
     def state(self) -> VQState:
