@@ -277,7 +277,7 @@ def install_torchpq_stand_in() -> None:
 def import_vqtorch(checkout: Path) -> ModuleType:
     """vqtorch from its checkout, on CPU: torchpq replaced by the stand-in, and `stringcolor`
     (which only colours vqtorch's messages) by a pass-through when it is not installed."""
-    if importlib.util.find_spec("stringcolor") is None and "stringcolor" not in sys.modules:
+    if "stringcolor" not in sys.modules and importlib.util.find_spec("stringcolor") is None:
         stub = ModuleType("stringcolor")
         stub.cs = lambda text, *args, **kwargs: text  # type: ignore[attr-defined]
         sys.modules["stringcolor"] = stub
