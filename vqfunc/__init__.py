@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from vqfunc import checkpoint as checkpoint
 from vqfunc import distributed as distributed
+from vqfunc import fsq as fsq
 from vqfunc import nn as nn
 from vqfunc import residual as residual
 from vqfunc._affine import effective_codebook as effective_codebook
@@ -87,6 +88,7 @@ __all__ = [
     "effective_codebook",
     "ema_statistics",
     "ema_update",
+    "fsq",
     "init_ema_state",
     "init_params",
     "init_replace_state",
