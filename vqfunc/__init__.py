@@ -47,7 +47,11 @@ from vqfunc._state import VQState as VQState
 from vqfunc._state import init_state as init_state
 from vqfunc._state import update_state as update_state
 from vqfunc._warmup import warmup_params as warmup_params
+from vqfunc.nn import FSQ as FSQ
+from vqfunc.nn import LFQ as LFQ
 from vqfunc.nn import GroupVectorQuant as GroupVectorQuant
+from vqfunc.nn import ResidualFSQ as ResidualFSQ
+from vqfunc.nn import ResidualLFQ as ResidualLFQ
 from vqfunc.nn import ResidualVectorQuant as ResidualVectorQuant
 from vqfunc.nn import ResidualVectorQuantize as ResidualVectorQuantize
 from vqfunc.nn import VectorQuant as VectorQuant
@@ -61,6 +65,8 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "FSQ",
+    "LFQ",
     "Candidates",
     "CodebookLayout",
     "EMAState",
@@ -70,6 +76,8 @@ __all__ = [
     "QuantizerConfig",
     "ReplaceRandomness",
     "ReplaceState",
+    "ResidualFSQ",
+    "ResidualLFQ",
     "ResidualVectorQuant",
     "ResidualVectorQuantize",
     "VQConfig",
