@@ -9,8 +9,8 @@ code magnitude), the distribution `p(c | z) ∝ exp(-beta ||z - c||^2)` over the
   per vector, differentiated by autograd.
 - **Codebook entropy**: `H(A)`, `A_k = sum_n w_n p_n(k) / sum_n w_n` the batch mean. The bits
   are split into a low half (`b1 = b // 2` bits, `K1 = 2**b1` patterns) and a high half
-  (`K2 = 2**(b - b1)`); `p_n(k1 + K1 k2) = P1[n, k1] P2[n, k2]`, each half's table built by
-  doubling (one product per entry, no logarithms), and `A` (as `[K2, K1]`) is accumulated as
+  (`K2 = 2**(b - b1)`); `p_n(k1 + K1 k2) = P1[n, k1] P2[n, k2]`, each half's table built as
+  products of the bits' probabilities (no logarithms), and `A` (as `[K2, K1]`) is accumulated as
   `P2^T (w P1)` over chunks of rows. Memory: `A` (`2**b` values) plus a chunk of
   `rows x (K1 + K2)`; never `N x 2**b`. Time: `N * 2**b` multiply-adds (one matrix product per
   chunk) forward and twice that backward.
@@ -49,11 +49,21 @@ def _rows_per_chunk(bits: int) -> int:
 
 def _patterns(on: Tensor, off: Tensor) -> Tensor:
     """`[r, h]` probabilities of each bit being 1 (`on`) and 0 (`off`) -> `[r, 2**h]` the
-    probability of every pattern, pattern `j` having bit `i` equal to `(j >> i) & 1`."""
-    table = on.new_ones(on.shape[0], 1)
-    for i in range(on.shape[1]):
-        table = torch.cat([table * off[:, i : i + 1], table * on[:, i : i + 1]], dim=1)
-    return table
+    probability of every pattern, pattern `j` having bit `i` equal to `(j >> i) & 1`.
+
+    Built as the outer product of the tables of the low and the high bits (recursively; a few
+    bits by doubling), so that the large table costs one product per entry."""
+    h = on.shape[1]
+    if h <= 3:
+        table = on.new_ones(on.shape[0], 1)
+        for i in range(h):
+            table = torch.cat([table * off[:, i : i + 1], table * on[:, i : i + 1]], dim=1)
+        return table
+    low = h // 2
+    low_table = _patterns(on[:, :low], off[:, :low])
+    high_table = _patterns(on[:, low:], off[:, low:])
+    # Pattern `j_low + 2**low * j_high`: the high bits vary slowest.
+    return (high_table.unsqueeze(2) * low_table.unsqueeze(1)).reshape(on.shape[0], -1)
 
 
 def _bit_matrix(h: int, like: Tensor) -> Tensor:
