@@ -151,6 +151,7 @@ class _CodebookEntropy(torch.autograd.Function):
         ctx.save_for_backward(logits, weights, mean, row_scale, output)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         logits, weights, mean, row_scale, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -171,5 +172,8 @@ def codebook_entropy(
         mean: `[2**b]` the batch mean (over every rank's rows under torch.distributed).
         row_scale: scalar `1 / W` (`W` the total weight), times the number of ranks under
             torch.distributed (see `vqfunc.lfq.quantize`).
+
+    First derivatives only: differentiating the gradient again raises, rather than missing the
+    batch mean's own dependence on `logits`.
     """
     return _CodebookEntropy.apply(logits, weights, mean.detach(), row_scale.detach())
