@@ -208,6 +208,20 @@ def test_any_rank_and_empty_batches(shape: tuple[int, ...]) -> None:
         assert float(out.usage) == 0.0
 
 
+def test_non_finite_inputs_keep_codes_in_range() -> None:
+    cfg = fsq.FSQConfig(levels=(8, 5), dim=-1)
+    x = torch.tensor([[math.nan, 1.0], [math.inf, -math.inf], [-1e30, 1e30]])
+    z_q, out = fsq.quantize(x, cfg)
+    assert out.codes.tolist() == [0 + 8 * 4, 7 + 8 * 0, 0 + 8 * 4]
+    assert torch.isnan(z_q[0, 0]) and torch.isfinite(z_q[1:]).all()  # NaN stays NaN
+    assert float(out.histogram.sum()) == 3
+    for sym in (False, True):
+        _, res = fsq.quantize_residual(
+            x, fsq.ResidualFSQConfig(levels=(8, 5), dim=-1, num_quantizers=2, preserve_symmetry=sym)
+        )
+        assert res.codes.min() >= 0 and res.codes.max() < 40
+
+
 def test_mask_excludes_rows_from_the_statistics() -> None:
     cfg = fsq.FSQConfig(levels=(4, 4), dim=-1)
     x = torch.tensor([[-5.0, -5.0], [5.0, 5.0], [5.0, 5.0]])

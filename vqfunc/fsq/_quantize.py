@@ -78,11 +78,9 @@ def _constants(cfg: _GridConfig, like: Tensor) -> dict[str, Tensor]:
         "offset": offset,
         "shift": shift,
     }
-    constants = {
+    return {
         name: torch.tensor(v, dtype=like.dtype, device=like.device) for name, v in values.items()
     }
-    constants["levels_int"] = torch.tensor(levels, dtype=torch.int64, device=like.device)
-    return constants
 
 
 def bound(z: Tensor, cfg: _GridConfig) -> tuple[Tensor, Tensor]:
@@ -99,9 +97,7 @@ def bound(z: Tensor, cfg: _GridConfig) -> tuple[Tensor, Tensor]:
         centred = torch.tanh(z + c["shift"]) * c["half_l"] - c["offset"]
         bounded = centred / c["half_width"]
         index = torch.round(centred) + c["half_width"]
-    # The clamp keeps codes in range for inputs the bound cannot place (NaN).
-    index = torch.minimum(torch.clamp(index, min=0).long(), c["levels_int"] - 1)
-    return bounded, index
+    return bounded, _to_levels(index, c)
 
 
 def level_values(index: Tensor, cfg: _GridConfig, dtype: torch.dtype) -> Tensor:
@@ -122,7 +118,14 @@ def grid_round(y: Tensor, cfg: _GridConfig) -> Tensor:
         index = torch.floor((c["levels"] - 1) * (y + 1) / 2 + 0.5)
     else:
         index = torch.round(y * c["half_width"]) + c["half_width"]
-    return torch.minimum(torch.clamp(index, min=0).long(), c["levels_int"] - 1)
+    return _to_levels(index, c)
+
+
+def _to_levels(index: Tensor, c: dict[str, Tensor]) -> Tensor:
+    """Integer-valued float indices -> int64 level indices in `[0, L - 1]`; a NaN input (which
+    the bound cannot place) takes level 0, so that its code stays in range."""
+    index = torch.nan_to_num(index, nan=0.0)
+    return torch.minimum(torch.clamp(index, min=0), c["levels"] - 1).long()
 
 
 def indices_to_codes(index: Tensor, cfg: _GridConfig) -> Tensor:
