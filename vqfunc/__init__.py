@@ -12,6 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from vqfunc import checkpoint as checkpoint
 from vqfunc import distributed as distributed
+from vqfunc import fsq as fsq
+from vqfunc import lfq as lfq
 from vqfunc import nn as nn
 from vqfunc import residual as residual
 from vqfunc._affine import effective_codebook as effective_codebook
@@ -45,6 +47,10 @@ from vqfunc._state import VQState as VQState
 from vqfunc._state import init_state as init_state
 from vqfunc._state import update_state as update_state
 from vqfunc._warmup import warmup_params as warmup_params
+from vqfunc.nn import FSQ as FSQ
+from vqfunc.nn import LFQ as LFQ
+from vqfunc.nn import ResidualFSQ as ResidualFSQ
+from vqfunc.nn import ResidualLFQ as ResidualLFQ
 from vqfunc.nn import ResidualVectorQuantize as ResidualVectorQuantize
 from vqfunc.nn import VectorQuantize as VectorQuantize
 from vqfunc.nn import codebook_warmup as codebook_warmup
@@ -56,6 +62,8 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "FSQ",
+    "LFQ",
     "Candidates",
     "CodebookLayout",
     "EMAState",
@@ -64,6 +72,8 @@ __all__ = [
     "QuantizerConfig",
     "ReplaceRandomness",
     "ReplaceState",
+    "ResidualFSQ",
+    "ResidualLFQ",
     "ResidualVectorQuantize",
     "VQConfig",
     "VQParams",
@@ -81,10 +91,12 @@ __all__ = [
     "effective_codebook",
     "ema_statistics",
     "ema_update",
+    "fsq",
     "init_ema_state",
     "init_params",
     "init_replace_state",
     "init_state",
+    "lfq",
     "nn",
     "perplexity",
     "quantize",

@@ -3,6 +3,8 @@ was expected, and is raised before anything is computed or changed."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -11,6 +13,16 @@ from vqfunc._layout import normalize_dim
 from vqfunc._params import VQParams
 
 _FLOAT_DTYPES = "float16, bfloat16, float32 or float64"
+
+
+class FeatureAxis(Protocol):
+    """What `check_input` reads of a configuration: the feature axis and its size."""
+
+    @property
+    def feature_size(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
 
 
 def check_config(cfg: object, expected: type[QuantizerConfig], *, where: str) -> None:
@@ -67,7 +79,7 @@ def check_params(
             )
 
 
-def check_input(x: object, cfg: QuantizerConfig, *, where: str, name: str = "x") -> int:
+def check_input(x: object, cfg: FeatureAxis, *, where: str, name: str = "x") -> int:
     """`x` is a floating tensor of rank >= 1 with `cfg.feature_size` on `cfg.dim`.
 
     Returns the non-negative feature axis.

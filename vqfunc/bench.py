@@ -17,8 +17,10 @@ before the call is the call's peak extra memory (freed heap is first returned wi
 `malloc_trim`, so it does not hide in the baseline). On CUDA, `torch.cuda` memory statistics.
 
 Options: `--device cuda`, `--dtype`, `--threads`, `--repeats`, `--quick` (tiny shapes, used by
-the test suite, which checks the codes, never the timings) and `--memory` (peak extra memory
-of `quantize` on N = 1,000,000, D = 64, K = 8192).
+the test suite, which checks the codes, never the timings), `--memory` (peak extra memory
+of `quantize` on N = 1,000,000, D = 64, K = 8192) and `--lfq BITS` (time and peak extra memory
+of the loss of `vqfunc.lfq.quantize` at `BITS` bits on `--rows` vectors, forward and
+forward+backward, next to the size of the `N x 2**BITS` table a full computation would hold).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from vqfunc._config import VQConfig
 from vqfunc._params import VQParams, init_params
 from vqfunc._quantize import quantize
 from vqfunc._search import nearest_codes, uses_cpu_kernel
+from vqfunc.lfq import LFQConfig
+from vqfunc.lfq import quantize as lfq_quantize
 
 FULL_SHAPES: tuple[tuple[int, int, int], ...] = (
     (65536, 8, 512),
@@ -62,7 +66,16 @@ _MIB = float(1 << 20)
 # Pause before each timed CPU call (see bench_shape).
 _SETTLE_SECONDS = 0.02
 
-__all__ = ["PeakMemory", "Row", "bench_shape", "format_table", "gemm_rate", "main", "memory_check"]
+__all__ = [
+    "PeakMemory",
+    "Row",
+    "bench_shape",
+    "format_table",
+    "gemm_rate",
+    "lfq_check",
+    "main",
+    "memory_check",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +326,36 @@ def memory_check(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     return report
 
 
+def lfq_check(
+    bits: int, rows: int, device: torch.device, dtype: torch.dtype, repeats: int
+) -> dict[str, float]:
+    """Median time (ms) and peak extra memory (MiB) of the LFQ loss at `bits` on `rows` random
+    vectors (default `LFQConfig` otherwise): forward without autograd, and forward+backward;
+    and the MiB of the float32 `rows x 2**bits` table that a full computation would hold."""
+    cfg = LFQConfig(bits=bits, dim=-1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, bits, generator=gen).to(device=device, dtype=dtype)
+    meter = PeakMemory(device)
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return lfq_quantize(x, cfg)[1].loss
+
+    def forward_backward() -> Any:
+        leaf = x.detach().requires_grad_()
+        lfq_quantize(leaf, cfg)[1].loss.backward()
+        return leaf.grad
+
+    report: dict[str, float] = {}
+    for label, fn in (("forward", forward), ("forward+backward", forward_backward)):
+        times = _time(fn, device, repeats)
+        _, peak = meter.measure(fn)
+        report[f"{label} ms"] = 1e3 * statistics.median(times)
+        report[f"{label} peak MiB"] = (peak or 0) / _MIB
+    report["full table MiB"] = rows * (1 << bits) * 4 / _MIB
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vqfunc.bench", description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -326,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--shapes", default=None, help="N,D,K;N,D,K;... instead of the built-in table"
     )
+    parser.add_argument("--lfq", type=int, default=None, metavar="BITS", help="LFQ loss cost")
+    parser.add_argument("--rows", type=int, default=4096, help="vectors for --lfq")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -341,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"quantize peak memory on N={n}, D={d}, K={k} (MiB):")
         for key, value in report.items():
             print(f"  {key:>18}: {value:9.1f}")
+        return 0
+    if args.lfq is not None:
+        report = lfq_check(args.lfq, args.rows, device, dtype, args.repeats)
+        print(f"vqfunc.lfq.quantize loss, bits={args.lfq}, N={args.rows}:")
+        for key, value in report.items():
+            print(f"  {key:>26}: {value:9.1f}")
         return 0
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]

@@ -3,8 +3,11 @@
 A small convolutional autoencoder with a `VectorQuantize` bottleneck is trained on the 1,797
 8x8 digit images bundled with scikit-learn, once per recipe: the same architecture, data
 order, initial weights and number of steps, changing only how the codebook is initialised and
-trained. The demo prints test MSE, code perplexity and code usage (measured on the held-out
-test images) per recipe, and saves a PNG of test reconstructions and code-usage histograms.
+trained. The last recipes replace the codebook by quantizers without one, at the same number
+of codes: FSQ (`vqfunc.nn.FSQ`, levels `(8, 8, 4)`), LFQ and BSQ (`vqfunc.nn.LFQ`, 8 bits),
+each between a 1x1 convolution from the code size down to its features and one back up. The
+demo prints test MSE, code perplexity and code usage (measured on the held-out test images)
+per recipe, and saves a PNG of test reconstructions and code-usage histograms.
 
 Run `python -m vqfunc.demo --help` for the options. Needs the `demo` extra
 (`pip install "vqfunc[demo]"`: scikit-learn and matplotlib).
@@ -23,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +35,12 @@ from tqdm.auto import tqdm
 
 from vqfunc._metrics import perplexity, usage
 from vqfunc._warmup import WarmupMethod
-from vqfunc.nn import VectorQuantize, codebook_warmup
+from vqfunc.nn import FSQ, LFQ, VectorQuantize, codebook_warmup
 
 __all__ = [
     "RECIPES",
     "AutoEncoder",
+    "Bottleneck",
     "Recipe",
     "Result",
     "Settings",
@@ -59,13 +63,16 @@ class Recipe:
 
     Attributes:
         name: label in the table and figure.
-        vq: keyword arguments of `VectorQuantize` on top of the shared ones.
+        vq: keyword arguments of the quantizer layer on top of the shared ones.
         warmup: `codebook_warmup` method run on the untrained encoder, or None.
+        quantizer: `"vq"` (`VectorQuantize`), or a quantizer without a codebook: `"fsq"`
+            (`vqfunc.nn.FSQ`) or `"lfq"` (`vqfunc.nn.LFQ`), between 1x1 convolutions.
     """
 
     name: str
     vq: dict[str, Any] = dataclasses.field(default_factory=dict)
     warmup: WarmupMethod | None = None
+    quantizer: Literal["vq", "fsq", "lfq"] = "vq"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +104,15 @@ def _codebook_sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 _ALTERNATE = {"inplace_optimizer": _codebook_sgd}
 
+# The quantizers without a codebook, at the number of codes of the VQ recipes (256): FSQ's
+# levels as close as 256 allows to the paper's advice of at least 5 per feature; LFQ and BSQ
+# with 8 bits, with LFQConfig's default loss weights and with weights scaled to this task's
+# reconstruction error (a test MSE near 0.005, against which the default commitment weight of
+# 0.25 pins the features to their signs).
+_FSQ_LEVELS = (8, 8, 4)
+_LFQ = {"bits": 8}
+_LFQ_SCALED = {"entropy_weight": 0.01, "commitment_weight": 0.01}
+
 RECIPES: tuple[Recipe, ...] = (
     Recipe("baseline"),
     Recipe("+ data warm-up", warmup="data"),
@@ -107,6 +123,12 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("+ k-means, alternate, replace", {**_ALTERNATE, **_REPLACE}, warmup="kmeans"),
     Recipe("EMA", {**_EMA}),
     Recipe("EMA, k-means, replace", {**_EMA, **_REPLACE}, warmup="kmeans"),
+    Recipe("FSQ (8, 8, 4)", {"levels": _FSQ_LEVELS}, quantizer="fsq"),
+    Recipe("LFQ, 8 bits", {**_LFQ}, quantizer="lfq"),
+    Recipe("LFQ, 8 bits, weights 0.01", {**_LFQ, **_LFQ_SCALED}, quantizer="lfq"),
+    Recipe(
+        "BSQ, 8 bits, weights 0.01", {**_LFQ, **_LFQ_SCALED, "spherical": True}, quantizer="lfq"
+    ),
 )
 
 
@@ -123,10 +145,24 @@ class Result:
     seconds: float
 
 
-class AutoEncoder(nn.Module):
-    """Conv encoder `[B, 1, 8, 8] -> [B, D, 4, 4]`, a VQ layer, and a mirrored decoder."""
+class Bottleneck(nn.Module):
+    """A quantizer of `features` channels between 1x1 convolutions from and to `channels`."""
 
-    def __init__(self, settings: Settings, vq: VectorQuantize) -> None:
+    def __init__(self, channels: int, features: int, quantizer: nn.Module) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(channels, features, 1)
+        self.quantizer = quantizer
+        self.up = nn.Conv2d(features, channels, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        z_q, misc = self.quantizer(self.down(x))
+        return self.up(z_q), misc
+
+
+class AutoEncoder(nn.Module):
+    """Conv encoder `[B, 1, 8, 8] -> [B, D, 4, 4]`, a quantizer layer, and a mirrored decoder."""
+
+    def __init__(self, settings: Settings, vq: nn.Module) -> None:
         super().__init__()
         c, d = settings.channels, settings.code_dim
         self.encoder = nn.Sequential(
@@ -168,12 +204,20 @@ def load_data(seed: int, test_fraction: float) -> tuple[Tensor, Tensor]:
 def build_model(recipe: Recipe, settings: Settings, seed: int) -> AutoEncoder:
     """The autoencoder for `recipe`, with weights that depend on `seed` only."""
     torch.manual_seed(seed)
-    vq = VectorQuantize(
-        settings.code_dim,
-        settings.num_codes,
-        generator=torch.Generator().manual_seed(seed),
-        **recipe.vq,
-    )
+    vq: nn.Module
+    if recipe.quantizer == "fsq":
+        fsq = FSQ(**recipe.vq)
+        vq = Bottleneck(settings.code_dim, fsq.cfg.feature_size, fsq)
+    elif recipe.quantizer == "lfq":
+        lfq = LFQ(**recipe.vq)
+        vq = Bottleneck(settings.code_dim, lfq.cfg.feature_size, lfq)
+    else:
+        vq = VectorQuantize(
+            settings.code_dim,
+            settings.num_codes,
+            generator=torch.Generator().manual_seed(seed),
+            **recipe.vq,
+        )
     return AutoEncoder(settings, vq)
 
 

@@ -50,10 +50,28 @@ from torch import Tensor
 
 from vqfunc._replace import Candidates
 
-__all__ = ["ProcessGroupSync", "StateSync", "WarmupSync", "active_group", "sync_for"]
+__all__ = [
+    "ProcessGroupSync",
+    "ReduceSync",
+    "StateSync",
+    "WarmupSync",
+    "active_group",
+    "sync_for",
+]
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+
+class ReduceSync(Protocol):
+    """What `vqfunc.lfq.quantize(..., sync=)` needs: sums over the replicas.
+
+    `ProcessGroupSync` implements it with `torch.distributed`.
+    """
+
+    def reduce_sum(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Element-wise sums of each tensor over the replicas (inputs unchanged)."""
+        ...
 
 
 class StateSync(Protocol):

@@ -105,7 +105,7 @@ train_x, test_x = images[order[:1500]], images[order[1500:]]
 
 
 class AutoEncoder(nn.Module):
-    def __init__(self, **vq_kwargs):
+    def __init__(self, quantizer=None, **vq_kwargs):
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1),
@@ -114,7 +114,8 @@ class AutoEncoder(nn.Module):
             nn.ReLU(),
             nn.Conv2d(32, 16, 1),
         )
-        self.vq = vqfunc.VectorQuantize(16, 64, **vq_kwargs)  # 64 codes of 16 features, dim=1
+        # 64 codes of 16 features on dim=1, or another quantizer layer built by `quantizer()`
+        self.vq = quantizer() if quantizer else vqfunc.VectorQuantize(16, 64, **vq_kwargs)
         self.decoder = nn.Sequential(
             nn.Conv2d(16, 32, 3, padding=1),
             nn.ReLU(),
@@ -187,10 +188,34 @@ for method in [None, "data", "kmeans"]:
 # | + sync, affine | `sync_nu=0.2, affine_lr=2.0` | k-means |
 # | + dead-code replacement | `sync_nu=0.2, affine_lr=2.0, replace_freq=20` | k-means |
 # | EMA + replacement | `ema_decay=0.95, replace_freq=20` | k-means |
+# | FSQ (4, 4, 4) | `vqfunc.nn.FSQ((4, 4, 4))` between 1x1 convolutions | |
+# | LFQ, 6 bits | `vqfunc.nn.LFQ(6, entropy_weight=0.01, commitment_weight=0.01)`, the same | |
+# | BSQ, 6 bits | the same with `spherical=True` | |
+#
+# The last three have no codebook: FSQ rounds 3 features to a grid of 4 values each, LFQ and BSQ
+# take the signs of 6 features, 64 codes like the codebook's. Their layers sit between a 1x1
+# convolution from the 16 channels down to their features and one back up. LFQ's loss weights
+# are scaled down to this task's small reconstruction error (its defaults, 0.1 and 0.25, pin the
+# features to their signs here; see the demo's page).
 #
 # The code-usage histogram of the test digits is recorded along the way.
 
 # %%
+class Bottleneck(nn.Module):
+    """A quantizer layer of `features` channels between 1x1 convolutions from and to 16."""
+
+    def __init__(self, layer, features):
+        super().__init__()
+        self.down = nn.Conv2d(16, features, 1)
+        self.layer = layer
+        self.up = nn.Conv2d(features, 16, 1)
+
+    def forward(self, x):
+        z_q, misc = self.layer(self.down(x))
+        return self.up(z_q), misc
+
+
+scaled = {"entropy_weight": 0.01, "commitment_weight": 0.01}
 recipes = {
     "baseline": ({}, None),
     "+ data warm-up": ({}, "data"),
@@ -198,6 +223,12 @@ recipes = {
     "+ sync, affine": ({"sync_nu": 0.2, "affine_lr": 2.0}, "kmeans"),
     "+ dead-code replacement": ({"sync_nu": 0.2, "affine_lr": 2.0, "replace_freq": 20}, "kmeans"),
     "EMA + replacement": ({"ema_decay": 0.95, "replace_freq": 20}, "kmeans"),
+    "FSQ (4, 4, 4)": ({"quantizer": lambda: Bottleneck(vqfunc.nn.FSQ((4, 4, 4)), 3)}, None),
+    "LFQ, 6 bits": ({"quantizer": lambda: Bottleneck(vqfunc.nn.LFQ(6, **scaled), 6)}, None),
+    "BSQ, 6 bits": (
+        {"quantizer": lambda: Bottleneck(vqfunc.nn.LFQ(6, spherical=True, **scaled), 6)},
+        None,
+    ),
 }
 STEPS = 300
 checkpoints = [0, 50, 150, STEPS]
@@ -285,5 +316,10 @@ plt.show()
 # part). Dead-code replacement keeps moving unused codes back onto the data, so all 64 stay in
 # use and the reconstructions are the best of the ladder, with the affine re-parameterisation
 # and the synchronized update doing most of the work before it.
+#
+# The quantizers without a codebook need no warm-up and no replacement. Here FSQ ends near the
+# warmed-up codebooks' error with half of its codes in use, BSQ uses every code but
+# reconstructs less well, and LFQ lies between them and the baseline; none of them comes near
+# the codebook recipes with dead-code replacement.
 #
 # `python -m vqfunc.demo` runs a longer version of this ladder.

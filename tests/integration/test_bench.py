@@ -60,3 +60,12 @@ def test_peak_memory_sees_a_large_allocation() -> None:
     assert peak >= 0.9 * size
     _, small = meter.measure(lambda: torch.ones(16).sum())
     assert small is not None and small < size // 4
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_lfq_cost_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--lfq", "6", "--rows", "300", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bits=6, N=300" in out and "forward+backward ms" in out
+    report = bench.lfq_check(4, 50, torch.device("cpu"), torch.float32, 1)
+    assert report["full table MiB"] == pytest.approx(50 * 16 * 4 / 2**20)

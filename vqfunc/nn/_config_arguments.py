@@ -1,10 +1,11 @@
 """Layer keyword arguments that come from a configuration's fields, declared once.
 
-A layer takes the fields of its configuration (`VQConfig`, `ResidualConfig`) as keyword
-arguments with the configuration's own defaults: `config_from_arguments` builds the
-configuration from them, and `with_config_signature` gives the layer's `__init__` the
-signature that lists them, so that `help()`, `inspect.signature` and editors show every
-argument and its default without the field block being written again in the layer.
+A layer takes the fields of its configuration (`VQConfig`, `ResidualConfig`, `FSQConfig`,
+...: any dataclass of static fields) as keyword arguments with the configuration's own
+defaults: `config_from_arguments` builds the configuration from them, and
+`with_config_signature` gives the layer's `__init__` the signature that lists them, so that
+`help()`, `inspect.signature` and editors show every argument and its default without the
+field block being written again in the layer.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from vqfunc._config import QuantizerConfig
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-C = TypeVar("C", bound=QuantizerConfig)
+C = TypeVar("C", bound="DataclassInstance")
 F = TypeVar("F", bound=Callable[..., None])
 
 
-def config_fields(cfg_type: type[QuantizerConfig]) -> dict[str, dataclasses.Field[Any]]:
+def config_fields(cfg_type: type[DataclassInstance]) -> dict[str, dataclasses.Field[Any]]:
     """The configuration's fields by name, in declaration order."""
+    if not (isinstance(cfg_type, type) and dataclasses.is_dataclass(cfg_type)):
+        raise TypeError(f"expected a dataclass configuration type, got {cfg_type!r}")
     return {f.name: f for f in dataclasses.fields(cfg_type) if f.init}
 
 
@@ -37,7 +41,7 @@ def config_from_arguments(cfg_type: type[C], owner: str, arguments: dict[str, An
     return cfg_type(**arguments)
 
 
-def with_config_signature(cfg_type: type[QuantizerConfig]) -> Callable[[F], F]:
+def with_config_signature(cfg_type: type[DataclassInstance]) -> Callable[[F], F]:
     """Give a layer's `__init__(self, <positional>, *, <own keyword arguments>, **options)`
     the signature with every field of `cfg_type` (not already a parameter) as a keyword-only
     argument with the field's default, before the layer's own keyword arguments."""
