@@ -33,6 +33,7 @@ class QuantizerShim(nn.Module):
 
     cfg: QuantizerConfig
     _vq_switch: bool
+    _no_vq_scoped = True  # `vqfunc.no_vq` reaches the layer through the context
     _state_names: tuple[str, ...]
 
     codebook: nn.Parameter

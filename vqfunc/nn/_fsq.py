@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from vqfunc.fsq import FSQConfig, ResidualFSQConfig, quantize, quantize_residual
 from vqfunc.nn._base import describe
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
-from vqfunc.nn._no_vq import vq_disabled_everywhere
+from vqfunc.nn._no_vq import switched_off
 
 
 class FSQ(nn.Module):
@@ -29,6 +29,8 @@ class FSQ(nn.Module):
             `num_codebooks`), with their defaults.
     """
 
+    _no_vq_scoped = True  # `vqfunc.no_vq` reaches the layer through the context
+
     cfg: FSQConfig
 
     @with_config_signature(FSQConfig)
@@ -37,11 +39,11 @@ class FSQ(nn.Module):
         self.cfg = config_from_arguments(
             FSQConfig, type(self).__name__, {"levels": levels, **options}
         )
-        self.vq_enabled = True  # switched off by `vqfunc.no_vq`
+        self.vq_enabled = True
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.fsq.quantize`."""
-        if not self.vq_enabled or vq_disabled_everywhere():
+        if not self.vq_enabled or switched_off(id(self)):
             return x, {"loss": x.new_zeros(())}
         z_q, out = quantize(x, self.cfg, mask=mask)
         return z_q, {**out._asdict(), "loss": x.new_zeros(())}
@@ -66,6 +68,8 @@ class ResidualFSQ(nn.Module):
             `preserve_symmetry`, `num_quantizers`), with their defaults.
     """
 
+    _no_vq_scoped = True  # `vqfunc.no_vq` reaches the layer through the context
+
     cfg: ResidualFSQConfig
 
     @with_config_signature(ResidualFSQConfig)
@@ -78,7 +82,7 @@ class ResidualFSQ(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.fsq.quantize_residual`."""
-        if not self.vq_enabled or vq_disabled_everywhere():
+        if not self.vq_enabled or switched_off(id(self)):
             return x, {"loss": x.new_zeros(())}
         z_q, out = quantize_residual(x, self.cfg, mask=mask)
         return z_q, {**out._asdict(), "loss": x.new_zeros(())}

@@ -10,7 +10,7 @@ from vqfunc.distributed import sync_for
 from vqfunc.lfq import LFQConfig, ResidualLFQConfig, quantize, quantize_residual
 from vqfunc.nn._base import describe
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
-from vqfunc.nn._no_vq import vq_disabled_everywhere
+from vqfunc.nn._no_vq import switched_off
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -45,6 +45,8 @@ class LFQ(nn.Module):
             `scale`), with their defaults.
     """
 
+    _no_vq_scoped = True  # `vqfunc.no_vq` reaches the layer through the context
+
     cfg: LFQConfig
 
     @with_config_signature(LFQConfig)
@@ -54,11 +56,11 @@ class LFQ(nn.Module):
         super().__init__()
         self.cfg = config_from_arguments(LFQConfig, type(self).__name__, {"bits": bits, **options})
         self.process_group = process_group
-        self.vq_enabled = True  # switched off by `vqfunc.no_vq`
+        self.vq_enabled = True
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.lfq.quantize`."""
-        if not self.vq_enabled or vq_disabled_everywhere():
+        if not self.vq_enabled or switched_off(id(self)):
             return x, {"loss": x.new_zeros(())}
         sync = sync_for(self.process_group) if self.training else None
         z_q, out = quantize(x, self.cfg, mask=mask, sync=sync)
@@ -84,6 +86,8 @@ class ResidualLFQ(nn.Module):
             `num_quantizers`), with their defaults.
     """
 
+    _no_vq_scoped = True  # `vqfunc.no_vq` reaches the layer through the context
+
     cfg: ResidualLFQConfig
 
     @with_config_signature(ResidualLFQConfig)
@@ -99,7 +103,7 @@ class ResidualLFQ(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.lfq.quantize_residual`."""
-        if not self.vq_enabled or vq_disabled_everywhere():
+        if not self.vq_enabled or switched_off(id(self)):
             return x, {"loss": x.new_zeros(())}
         sync = sync_for(self.process_group) if self.training else None
         z_q, out = quantize_residual(x, self.cfg, mask=mask, sync=sync)

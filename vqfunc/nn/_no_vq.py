@@ -2,10 +2,10 @@
 
 Useful to pre-train an autoencoder without quantization, or to measure what quantization
 costs. The switch is scoped to the running thread and `asyncio` task (a context variable): a
-`no_vq` block in one thread leaves the same layers quantizing in another. vqfunc's layers read
-it through their `vq_enabled` property; another VQ layer opts in by holding a boolean
-attribute `vq_enabled` and returning its input (with a zero loss) while it is False, which
-`no_vq(model)` sets for the duration of the block.
+`no_vq` block in one thread leaves the same layers quantizing in another. vqfunc's layers
+(a class attribute `_no_vq_scoped = True`) ask `switched_off(id(self))`; another VQ layer opts
+in by holding a boolean attribute `vq_enabled` and returning its input (with a zero loss) while
+it is False, which `no_vq(model)` sets for the duration of the block.
 """
 
 from __future__ import annotations
@@ -54,14 +54,13 @@ def no_vq(*models: nn.Module) -> Iterator[None]:
     Args:
         models: modules whose VQ submodules (and themselves, if VQ layers) are switched off.
     """
-    from vqfunc.nn._base import QuantizerShim
-
     for model in models:
         if not isinstance(model, nn.Module):
             raise TypeError(f"no_vq: expected nn.Module arguments, got {type(model).__name__}")
     layers = [m for model in models for m in model.modules() if hasattr(m, "vq_enabled")]
-    scoped = {id(m) for m in layers if isinstance(m, QuantizerShim)}
-    others = [m for m in layers if not isinstance(m, QuantizerShim)]
+    # vqfunc's layers consult the context (`switched_off`); others get their attribute set.
+    scoped = {id(m) for m in layers if getattr(type(m), "_no_vq_scoped", False)}
+    others = [m for m in layers if not getattr(type(m), "_no_vq_scoped", False)]
     previous = [m.vq_enabled for m in others]
     scope = _scope.get()
     token = _scope.set(_Scope(scope.everywhere or not models, scope.layers | scoped))
