@@ -7,15 +7,13 @@ timeout.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from support import ranks
 
 import vqfunc
 from vqfunc import distributed as vqdist
@@ -34,33 +32,14 @@ pytestmark = pytest.mark.skipif(
 
 def launch(scenario: str, out: Path) -> None:
     """Run `scenario` on WORLD ranks, writing to `out`; a test failure, never a hang."""
-    store = out / f"store_{scenario}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(rank), str(WORLD), f"file://{store}",
-             str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for rank in range(WORLD)
-    ]  # fmt: skip
-    logs = []
-    try:
-        for rank, proc in enumerate(procs):
-            try:
-                log, _ = proc.communicate(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{scenario}: rank {rank} did not finish within {TIMEOUT_S} s (hang)")
-            logs.append(log.decode(errors="replace"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
-        assert proc.returncode == 0, f"{scenario}: rank {rank} failed:\n{log[-4000:]}"
+    store = f"file://{out / f'store_{scenario}'}"
+    ranks.launch(
+        WORKER,
+        lambda rank: (scenario, str(rank), str(WORLD), store, str(out)),
+        world=WORLD,
+        timeout_s=TIMEOUT_S,
+        what=scenario,
+    )
 
 
 def results(out: Path, name: str) -> list[dict[str, Any]]:

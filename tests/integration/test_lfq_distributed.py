@@ -7,15 +7,13 @@ and the test fails instead of hanging when they do not finish within the timeout
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from support.ranks import launch
 
 from vqfunc import lfq
 
@@ -36,32 +34,14 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("lfq_dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     store = f"file://{out / 'store'}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(WORLD), store, str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for rank, proc in enumerate(procs):
-            try:
-                log, _ = proc.communicate(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"rank {rank} did not finish within {TIMEOUT_S} s (hang)")
-            logs.append(log.decode(errors="replace"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, (proc, log) in enumerate(zip(procs, logs, strict=True)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    launch(
+        WORKER,
+        lambda rank: (str(rank), str(WORLD), store, str(out)),
+        world=WORLD,
+        timeout_s=TIMEOUT_S,
+        what="lfq",
+    )
     return [torch.load(out / f"lfq_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
