@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from vqfunc import checkpoint as checkpoint
 from vqfunc import distributed as distributed
+from vqfunc import kernels as kernels
 from vqfunc import nn as nn
 from vqfunc import residual as residual
 from vqfunc._affine import effective_codebook as effective_codebook
@@ -91,6 +92,7 @@ __all__ = [
     "init_params",
     "init_replace_state",
     "init_state",
+    "kernels",
     "nn",
     "perplexity",
     "quantize",

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vqfunc._kernels import cpu as _cpu_kernel
+from vqfunc._kernels import policy as _policy
 
 # Below this many elements per thread a second thread costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
@@ -48,7 +49,7 @@ def applies(codes: Tensor, *tensors: Tensor | None) -> bool:
         and not torch.is_grad_enabled()
         and _plain(codes, torch.int64)
         and all(_plain(t) for t in tensors)
-        and _cpu_kernel.available()
+        and _policy.cpu_kernel_runs()
     )
 
 
