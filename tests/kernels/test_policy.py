@@ -60,6 +60,7 @@ def test_status_covers_every_device_dtype_and_operation() -> None:
     assert all(str(e).startswith(f"{e.device} {e.dtype} {e.operation}: ") for e in entries)
 
 
+@pytest.mark.slow
 def test_environment_chooses_torch() -> None:
     done = _run(
         "import vqfunc\n"
@@ -92,6 +93,7 @@ _SEARCH = (
 )
 
 
+@pytest.mark.slow
 def test_fallback_warns_once_and_names_the_cause(tmp_path: Path) -> None:
     done = _run(_SEARCH, VQFUNC_CACHE_DIR=str(_untrusted_cache(tmp_path)))
     assert done.returncode == 0, done.stderr
@@ -100,6 +102,7 @@ def test_fallback_warns_once_and_names_the_cause(tmp_path: Path) -> None:
     assert "group- or world-writable" in message and "using torch" in message
 
 
+@pytest.mark.slow
 def test_require_turns_the_fallback_into_an_error(tmp_path: Path) -> None:
     done = _run(
         _SEARCH, VQFUNC_CACHE_DIR=str(_untrusted_cache(tmp_path)), VQFUNC_CPU_KERNEL="require"
