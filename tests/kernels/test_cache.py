@@ -19,11 +19,20 @@ needs_kernel = pytest.mark.skipif(
     not _cpu_kernel.available(), reason="the compiled CPU kernel does not build here"
 )
 
+
+@pytest.fixture(autouse=True)
+def _no_prebuilt_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The library built with the package would be loaded before the cache is looked at.
+    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path("/nonexistent/cpu_kernels.so"))
+
+
 # Searches with the compiled kernel (several threads when OMP allows), checks the codes against
 # torch, and prints the warnings vqfunc gave.
 _SEARCH = """
 import warnings, torch
+from pathlib import Path
 from vqfunc._kernels import cpu
+cpu._PREBUILT = Path("/nonexistent/cpu_kernels.so")  # the cache is what is checked here
 from vqfunc._search import torch_nearest_codes
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -256,3 +265,30 @@ def test_the_cache_key_changes_with_the_compiler_version_and_the_isa(
     assert base == key("cc (GCC) 12.2.0", "x86_64+avx2+fma")
     assert base != key("cc (GCC) 13.1.0", "x86_64+avx2+fma")
     assert base != key("cc (GCC) 12.2.0", "x86_64+avx2+fma+avx512f")
+
+
+@needs_kernel
+def test_the_package_build_makes_a_library_that_is_verified_before_it_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    note = _cpu_kernel._build_spec.build_prebuilt(tmp_path, None)
+    assert note.startswith("built"), note
+    library = tmp_path / _cpu_kernel._build_spec.PREBUILT_NAME
+    assert _cpu_kernel._verify_prebuilt(library) is None
+    assert not list(tmp_path.glob("tmp*"))
+    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", library)
+    _cpu_kernel.reset()
+    try:
+        assert _cpu_kernel.available()
+        assert "built with the package" in _cpu_kernel.location()
+        record = library.with_name(library.name + ".sha256")
+        size, digest, _, threads = record.read_text().split()
+        record.write_text(f"{size} {digest} {'0' * 64} {threads}\n")  # other sources
+        assert "other sources" in (_cpu_kernel._verify_prebuilt(library) or "")
+        spec = _cpu_kernel._build_spec
+        sources = spec.source_digest(spec.source_files())
+        record.write_text(f"{size} {digest} {sources} {threads}\n")
+        library.write_bytes(library.read_bytes()[:1000])
+        assert "does not match" in (_cpu_kernel._verify_prebuilt(library) or "")
+    finally:
+        _cpu_kernel.reset()

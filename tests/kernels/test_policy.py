@@ -81,6 +81,9 @@ def _untrusted_cache(tmp_path: Path) -> Path:
 
 _SEARCH = (
     "import torch, warnings, vqfunc\n"
+    "from pathlib import Path\n"
+    "from vqfunc._kernels import cpu\n"
+    "cpu._PREBUILT = Path('/nonexistent/cpu_kernels.so')  # so that the cache decides\n"
     "from vqfunc._search import nearest_codes, torch_nearest_codes\n"
     "v, c = torch.randn(30, 8), torch.randn(20, 8)\n"
     "with warnings.catch_warnings(record=True) as caught:\n"
@@ -112,6 +115,7 @@ def test_require_turns_the_fallback_into_an_error(tmp_path: Path) -> None:
 
 
 def test_require_in_a_block(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", tmp_path / "absent.so")
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(_untrusted_cache(tmp_path)))
     _cpu_kernel.reset()
     _policy.reset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -105,7 +106,8 @@ def test_torch_fallback_gives_the_same_codes() -> None:
 def test_failed_build_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
     monkeypatch.setenv("CC", "/nonexistent/compiler")
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_cpu_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_cpu_kernel._build_spec.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path(str(tmp_path)) / "absent.so")
     _cpu_kernel.reset()
     _policy.reset()
     try:
@@ -128,6 +130,7 @@ def test_compiler_without_openmp_builds_single_threaded_kernels(
 ) -> None:
     # A flag the compiler rejects stands for a compiler without OpenMP.
     monkeypatch.setattr(_cpu_kernel, "_OPENMP_FLAGS", ("-fno-such-openmp-flag",))
+    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path(str(tmp_path)) / "absent.so")
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
     _cpu_kernel.reset()
     try:

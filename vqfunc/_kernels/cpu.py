@@ -44,12 +44,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vqfunc._kernels import build as _build_spec
 from vqfunc._kernels.torch_search import codebook_center
 
-_CSRC = Path(__file__).with_name("csrc")
-# The search kernel and the straight-through kernels, built together into one library.
-_SOURCES = ("nearest.c", "straight_through.c")
-_HEADERS = ("vqfunc_kernels.h",)
+_CSRC = _build_spec.CSRC
+_SOURCES = _build_spec.SOURCES
+_HEADERS = _build_spec.HEADERS
+_PREBUILT = _CSRC.parent / _build_spec.PREBUILT_DIR / _build_spec.PREBUILT_NAME
 # The status codes of csrc/vqfunc_kernels.h.
 _STATUS = {
     -1: "unsupported CPU or sizes",
@@ -57,10 +58,8 @@ _STATUS = {
     -3: "a code outside the codebook",
     -4: "inconsistent thread or buffer counts",
 }
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
-# OpenMP threads, in the runtime torch loads (libgomp.so.1 on Linux builds, found by its
-# soname); a compiler without OpenMP builds the same kernels single-threaded.
-_OPENMP_FLAGS = ("-fopenmp",)
+_FLAGS = _build_spec.FLAGS
+_OPENMP_FLAGS = _build_spec.OPENMP_FLAGS
 # Codes per panel and the padding of the codebook (whole groups of panels), as in the C source.
 PANEL = 16
 GROUP = 64
@@ -115,10 +114,7 @@ def _prepare_cache_dir(path: Path) -> Path:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    return _build_spec.find_compiler(os.environ.get("CC"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -240,7 +236,7 @@ def _build(compiler: str, flags: tuple[str, ...], *, rebuild: bool = False) -> P
     and sha256 recorded beside it. `rebuild` discards a cached library that verified but did
     not load.
     """
-    files = {name: (_CSRC / name).read_bytes() for name in (*_SOURCES, *_HEADERS)}
+    files = _build_spec.source_files()
     cache = _prepare_cache_dir(_cache_dir())
     target = cache / f"cpu_kernels_{_cache_key(compiler, flags, files)}.so"
     with _file_lock(target.with_name(target.name + ".lock")):
@@ -258,7 +254,7 @@ def _build(compiler: str, flags: tuple[str, ...], *, rebuild: bool = False) -> P
             for name, text in files.items():
                 Path(work, name).write_bytes(text)
             tmp = Path(work, target.name)
-            command = [compiler, *flags, "-o", str(tmp), *(str(Path(work, n)) for n in _SOURCES)]
+            command = _build_spec.compile_command(compiler, flags, Path(work), tmp)
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as error:
@@ -320,14 +316,58 @@ def _load_built(compiler: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Pat
             raise _BuildError(f"{path} does not load: {error}") from error
 
 
+def _verify_prebuilt(path: Path) -> str | None:
+    """Why the library built with the package must not be loaded, or None when it may."""
+    record = path.with_name(path.name + ".sha256")
+    if not record.exists():
+        return f"{path} has no record"
+    if path.stat().st_mode & 0o002 or record.stat().st_mode & 0o002:
+        return f"{path} or its record is world-writable"
+    try:
+        size_text, digest, sources, _ = record.read_text().split()
+        size = int(size_text)
+    except ValueError:
+        return f"the record {record} is malformed"
+    if sources != _build_spec.source_digest(_build_spec.source_files()):
+        return f"{path} was built from other sources"
+    if path.stat().st_size != size or _sha256(path) != digest:
+        return f"{path} does not match its record"
+    return None
+
+
+def _load_prebuilt() -> tuple[ctypes.CDLL | None, str]:
+    if not _PREBUILT.exists():
+        return None, "no library was built with the package"
+    problem = _verify_prebuilt(_PREBUILT)
+    if problem is not None:
+        return None, problem
+    try:
+        lib = ctypes.CDLL(str(_PREBUILT))
+    except OSError as error:
+        return None, f"{_PREBUILT} does not load: {error}"
+    _declare(lib)
+    serial = "serial" in _PREBUILT.with_name(_PREBUILT.name + ".sha256").read_text()
+    threads = "single-threaded" if serial else "OpenMP"
+    return lib, f"built with the package, {_PREBUILT} ({threads})"
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The loaded library and where it came from, or None and why not."""
+    """The loaded library and where it came from, or None and why not.
+
+    The library built with the package when it matches the sources, else one built on first
+    use into the cache.
+    """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"not an x86-64 machine ({platform.machine()}); the kernels need AVX2 + FMA"
+    lib, prebuilt_note = _load_prebuilt()
+    if lib is not None:
+        if not lib.vq_supported():
+            return None, "this CPU lacks AVX2 or FMA"
+        return lib, prebuilt_note
     compiler = _compiler()
     if compiler is None:
-        return None, "no C compiler found ($CC, cc, gcc or clang on PATH)"
+        return None, f"{prebuilt_note}, and no C compiler found ($CC, cc, gcc or clang on PATH)"
     errors = []
     for flags in (_FLAGS + _OPENMP_FLAGS, _FLAGS):
         try:
@@ -339,7 +379,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         if not lib.vq_supported():
             return None, "this CPU lacks AVX2 or FMA"
         threads = "OpenMP" if flags != _FLAGS else "single-threaded: the compiler lacks OpenMP"
-        return lib, f"built into {path} ({threads})"
+        return lib, f"built on first use into {path} ({threads})"
     return None, "the build failed: " + " | then without OpenMP: ".join(errors)
 
 
