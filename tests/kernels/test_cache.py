@@ -6,6 +6,7 @@ could crash or needs its own environment runs in a child process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -281,14 +282,17 @@ def test_the_package_build_makes_a_library_that_is_verified_before_it_loads(
     try:
         assert _cpu_kernel.available()
         assert "built with the package" in _cpu_kernel.location()
-        record = library.with_name(library.name + ".sha256")
-        size, digest, _, threads = record.read_text().split()
-        record.write_text(f"{size} {digest} {'0' * 64} {threads}\n")  # other sources
-        assert "other sources" in (_cpu_kernel._verify_prebuilt(library) or "")
-        spec = _cpu_kernel._build_spec
-        sources = spec.source_digest(spec.source_files())
-        record.write_text(f"{size} {digest} {sources} {threads}\n")
-        library.write_bytes(library.read_bytes()[:1000])
-        assert "does not match" in (_cpu_kernel._verify_prebuilt(library) or "")
     finally:
         _cpu_kernel.reset()
+    # Tampered copies (never the loaded file: truncating a mapped library is a bus error).
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    library = Path(shutil.copy2(library, copy / library.name))
+    record = Path(shutil.copy2(tmp_path / (library.name + ".sha256"), copy))
+    size, digest, sources, threads = record.read_text().split()
+    record.write_text(f"{size} {digest} {'0' * 64} {threads}\n")
+    assert "other sources" in (_cpu_kernel._verify_prebuilt(library) or "")
+    record.write_text(f"{size} {digest} {sources} {threads}\n")
+    assert _cpu_kernel._verify_prebuilt(library) is None
+    library.write_bytes(library.read_bytes()[:1000])
+    assert "does not match" in (_cpu_kernel._verify_prebuilt(library) or "")
