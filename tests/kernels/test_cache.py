@@ -29,11 +29,15 @@ def _no_prebuilt_library(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # Searches with the compiled kernel (several threads when OMP allows), checks the codes against
 # torch, and prints the warnings vqfunc gave.
-_SEARCH = """
-import warnings, torch
+_NO_PREBUILT = """
 from pathlib import Path
 from vqfunc._kernels import cpu
 cpu._PREBUILT = Path("/nonexistent/cpu_kernels.so")  # the cache is what is checked here
+"""
+_SEARCH = (
+    _NO_PREBUILT
+    + """
+import warnings, torch
 from vqfunc._search import torch_nearest_codes
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -47,6 +51,7 @@ print("cache", cpu._cache_dir())
 for w in caught:
     print("warning", w.message)
 """
+)
 
 
 def _child(code: str, env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -186,13 +191,13 @@ def test_a_killed_build_leaves_no_library(tmp_path: Path) -> None:
     compiler.chmod(0o755)
     cache = tmp_path / "cache"
     child = subprocess.Popen(
-        [sys.executable, "-c", "from vqfunc._kernels import cpu; cpu.available()"],
+        [sys.executable, "-c", _NO_PREBUILT + "cpu.available()"],
         env=_env(cache, CC=str(compiler)),
         start_new_session=True,
     )
     try:
         deadline = time.time() + 120
-        while not list(cache.glob("tmp*")) and time.time() < deadline:
+        while not list(cache.glob("tmp*")) and time.time() < deadline and child.poll() is None:
             time.sleep(0.1)
     finally:
         os.killpg(child.pid, 9)
