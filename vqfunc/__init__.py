@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from vqfunc import checkpoint as checkpoint
 from vqfunc import distributed as distributed
 from vqfunc import fsq as fsq
+from vqfunc import kernels as kernels
 from vqfunc import lfq as lfq
 from vqfunc import nn as nn
 from vqfunc import residual as residual
@@ -96,6 +97,7 @@ __all__ = [
     "init_params",
     "init_replace_state",
     "init_state",
+    "kernels",
     "lfq",
     "nn",
     "perplexity",

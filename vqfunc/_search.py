@@ -6,16 +6,18 @@ Euclidean nearest codes, ranked by `||c||^2 / 2 - z.c` (the same argmin as `||z 
 Three implementations give the same codes (ties aside):
 
 - a fused distance + argmin kernel for float32 on x86-64 CPUs with AVX2 and FMA
-  (`vqfunc/_kernels/csrc/nearest.c`, built on first use by `vqfunc/_kernels/cpu.py`): it keeps a
+  (`vqfunc/_kernels/csrc/nearest.c`, built by `vqfunc/_kernels/cpu.py`): it keeps a
   running minimum in registers and never writes a score to memory, so small code dimensions are
   not memory-bound;
-- on CUDA, a fused Triton kernel (`vqfunc/_kernels/triton_search.py`) when Triton imports: tiles of
-  scores from `tl.dot` reduced to a running minimum per row, reading float16 / bfloat16 inputs
-  in their own dtype (float32 accumulation). A kernel that fails to compile warns once and the
-  search goes on in torch; `VQFUNC_TRITON=0` disables it;
-- pure torch everywhere else (float64, CUDA without Triton, other CPUs, or
-  `VQFUNC_CPU_KERNEL=0`): chunked `addmm` + `argmin`, with chunks sized so that one `chunk x K`
-  score block stays in cache.
+- on CUDA, when asked for (`VQFUNC_TRITON=1` or `vqfunc.kernels.use(cuda="triton")`), a fused
+  Triton kernel (`vqfunc/_kernels/triton_search.py`): tiles of scores from `tl.dot` reduced to
+  a running minimum per row, reading float16 / bfloat16 inputs in their own dtype (float32
+  accumulation). A kernel that fails to compile warns once and the search goes on in torch;
+- pure torch everywhere else (float64, CUDA by default, other CPUs, or `VQFUNC_CPU_KERNEL=0`):
+  chunked `addmm` + `argmin`, with chunks sized so that one `chunk x K` score block stays in
+  cache.
+
+Which one runs is decided by `vqfunc._kernels.policy` alone (see `vqfunc.kernels.status()`).
 
 In every case peak extra memory is bounded by a chunk (a few KiB per thread in the CPU kernel,
 the half norms `[K]` in the Triton one), never `N x K`.
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from vqfunc._kernels import cpu as _cpu_kernel
+from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import torch_search as _torch_search
 from vqfunc._kernels import triton_search as _triton_search
 
@@ -49,13 +52,7 @@ def search_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def uses_cpu_kernel(vectors: Tensor, codebook: Tensor) -> bool:
     """Whether `nearest_codes` on these (search-dtype) tensors runs the compiled CPU kernel."""
-    return (
-        vectors.device.type == "cpu"
-        and codebook.device.type == "cpu"
-        and vectors.dtype == torch.float32
-        and codebook.dtype == torch.float32
-        and _cpu_kernel.available()
-    )
+    return _policy.cpu_kernel_runs(vectors, codebook)
 
 
 def torch_nearest_codes(vectors: Tensor, codebook: Tensor) -> Tensor:
@@ -79,7 +76,7 @@ def _exact_distances(vectors: Tensor, codebook: Tensor, codes: Tensor) -> Tensor
 @torch.library.custom_op("vqfunc::nearest_codes", mutates_args=())
 def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     if vectors.shape[0] > 0 and codebook.shape[0] > 0:
-        if _triton_search.usable(vectors, codebook):
+        if _policy.triton_runs(vectors, codebook):
             codes = _triton_search.try_search_codes(vectors, codebook)
             if codes is not None:
                 return codes, _exact_distances(vectors, codebook, codes)

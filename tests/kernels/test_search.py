@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.reference import assert_nearest, brute_force
 
+import vqfunc
 from vqfunc._kernels import cpu as _cpu_kernel
+from vqfunc._kernels import policy as _policy
 from vqfunc._search import nearest_codes, torch_nearest_codes, uses_cpu_kernel
 from vqfunc.bench import PeakMemory
 
@@ -76,43 +79,48 @@ def test_kernel_on_larger_shapes_and_threads(n: int, d: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-def test_ties_pick_the_first_code(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ties_pick_the_first_code(kernel: bool) -> None:
     if kernel and not _cpu_kernel.available():
         pytest.skip("the compiled CPU kernel does not build here")
-    if not kernel:
-        monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(70, 8, generator=g)
     # Code j + 70 repeats code j, and the vectors sit exactly on the repeated codes.
     picks = torch.randperm(70, generator=g)[:33]
-    codes, distances = nearest_codes(base[picks], torch.cat([base, base]))
+    with vqfunc.kernels.use(cpu="compiled" if kernel else "torch"):
+        assert uses_cpu_kernel(base, base) == kernel
+        codes, distances = nearest_codes(base[picks], torch.cat([base, base]))
     assert torch.equal(codes, picks)
     assert torch.all(distances == 0)
 
 
-def test_torch_fallback_gives_the_same_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_fallback_gives_the_same_codes() -> None:
     g = torch.Generator().manual_seed(1)
     vectors, codebook = torch.randn(300, 16, generator=g), torch.randn(200, 16, generator=g)
     first, _ = nearest_codes(vectors, codebook)
-    monkeypatch.setattr(_cpu_kernel, "available", lambda: False)
-    assert not uses_cpu_kernel(vectors, codebook)
-    second, _ = nearest_codes(vectors, codebook)
+    with vqfunc.kernels.use(cpu="torch"):
+        assert not uses_cpu_kernel(vectors, codebook)
+        second, _ = nearest_codes(vectors, codebook)
     assert torch.equal(first, second)
 
 
 def test_failed_build_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
     monkeypatch.setenv("CC", "/nonexistent/compiler")
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_cpu_kernel.shutil, "which", lambda name: None)
-    _cpu_kernel._library.cache_clear()
+    monkeypatch.setattr(_cpu_kernel._build_spec.shutil, "which", lambda name: None)
+    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path(str(tmp_path)) / "absent.so")
+    _cpu_kernel.reset()
+    _policy.reset()
     try:
         assert not _cpu_kernel.available()
+        assert "no C compiler" in _cpu_kernel.failure()
         g = torch.Generator().manual_seed(2)
         vectors, codebook = torch.randn(50, 8, generator=g), torch.randn(40, 8, generator=g)
-        codes, _ = nearest_codes(vectors, codebook)
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            codes, _ = nearest_codes(vectors, codebook)
         assert_nearest(vectors, codebook, codes)
     finally:
-        _cpu_kernel._library.cache_clear()
+        _cpu_kernel.reset()
+        _policy.reset()
 
 
 @pytest.mark.slow
@@ -122,25 +130,18 @@ def test_compiler_without_openmp_builds_single_threaded_kernels(
 ) -> None:
     # A flag the compiler rejects stands for a compiler without OpenMP.
     monkeypatch.setattr(_cpu_kernel, "_OPENMP_FLAGS", ("-fno-such-openmp-flag",))
+    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path(str(tmp_path)) / "absent.so")
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
-    _cpu_kernel._library.cache_clear()
+    _cpu_kernel.reset()
     try:
         assert _cpu_kernel.available()
+        assert "single-threaded" in _cpu_kernel.location()
         g = torch.Generator().manual_seed(3)
         vectors, codebook = torch.randn(600, 16, generator=g), torch.randn(90, 16, generator=g)
         codes, _ = _cpu_kernel.nearest_codes_f32(vectors, codebook)
         assert_nearest(vectors, codebook, codes)
     finally:
-        _cpu_kernel._library.cache_clear()
-
-
-def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VQFUNC_CPU_KERNEL", "0")
-    _cpu_kernel._library.cache_clear()
-    try:
-        assert not _cpu_kernel.available()
-    finally:
-        _cpu_kernel._library.cache_clear()
+        _cpu_kernel.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

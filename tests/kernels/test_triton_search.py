@@ -20,6 +20,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import vqfunc
+from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import triton_search as _triton_search
 from vqfunc._search import _keeps_input_dtype, nearest_codes, torch_nearest_codes
 
@@ -107,11 +109,17 @@ def test_imports_and_searches_without_triton(monkeypatch: pytest.MonkeyPatch) ->
         _triton_search._kernel_module.cache_clear()
 
 
-def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VQFUNC_TRITON", "0")
+def test_torch_is_the_default_and_the_choice_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DEVICE_TYPE "cpu" stands for CUDA here, as in the interpreter checks.
     monkeypatch.setattr(_triton_search, "DEVICE_TYPE", "cpu")
-    assert not _triton_search.available()
-    assert not _triton_search.usable(torch.randn(4, 3), torch.randn(5, 3))
+    vectors, codebook = torch.randn(4, 3), torch.randn(5, 3)
+    assert _policy.settings().cuda == "torch"
+    assert not _policy.triton_runs(vectors, codebook)
+    with vqfunc.kernels.use(cuda="torch"):
+        assert not _policy.triton_runs(vectors, codebook)
+    entries = [e for e in vqfunc.kernels.status() if e.device == "cuda"]
+    assert all(e.backend == "torch" for e in entries)
+    assert any("until a GPU benchmark" in e.reason for e in entries)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

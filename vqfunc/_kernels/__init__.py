@@ -1,9 +1,13 @@
 """Everything compiled or device-specific, behind plain functions of tensors.
 
-- `cpu`: builds and loads the C kernels of `csrc/` (the search, the straight-through output
-  and loss) with ctypes; optional, with `available()`.
+- `policy`: the one place that decides which backend runs (read from the environment once,
+  changed with `vqfunc.kernels.use`, reported by `vqfunc.kernels.status()`).
+- `build`: how the C kernels of `csrc/` are compiled, shared by `setup.py` (the package build)
+  and `cpu` (the first-use build).
+- `cpu`: loads the C kernels (the search, the straight-through output and loss) with ctypes,
+  from the package or a verified cache; optional, with `available()`.
 - `straight_through_cpu`: ctypes wrappers of the straight-through kernels.
-- `straight_through`: the autograd node of the straight-through output and commitment loss,
+- `straight_through`: the custom operators of the straight-through output and commitment loss,
   on the C kernels or in torch.
 - `triton_search`, `triton_kernel`: the fused CUDA search in Triton; optional.
 - `torch_search`: the pure-torch search that every other backend falls back to.

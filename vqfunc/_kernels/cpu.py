@@ -3,11 +3,16 @@
 `csrc/nearest.c` (the search) and `csrc/straight_through.c` (the straight-through output and
 commitment loss, forward and backward), with their shared header `csrc/vqfunc_kernels.h`
 (status codes, the CPU check, helpers), are plain C files (no torch headers, no Python API),
-so they build in about a second with the system C compiler and need neither ninja nor a build
-step at install time. The shared library is cached under `$VQFUNC_CACHE_DIR` (default
-`~/.cache/vqfunc`), keyed by a hash of the sources, compiler and flags. Any failure (no
-compiler, not x86-64 with AVX2 and FMA, a read-only cache) makes `available()` false, and
-vqfunc uses its pure-torch paths. Set `VQFUNC_CPU_KERNEL=0` to disable the kernels.
+so they build in about a second with the system C compiler and need neither ninja nor torch
+headers. The shared library is cached under `$VQFUNC_CACHE_DIR` (default `~/.cache/vqfunc`, or
+a private temporary directory when there is no home), keyed by a hash of the sources, the
+compiler and its `--version`, the flags and the target ISA. The cache is trusted only when it
+belongs to this user and is not writable by others; a library is built under a file lock,
+flushed and renamed into place, and loaded only when its size and sha256 match those recorded
+beside it (a truncated one is rebuilt, not mapped). Any failure (no compiler, not x86-64 with
+AVX2 and FMA, an untrusted cache) makes `available()` false, `failure()` says why (with the
+compiler's own error text), and `vqfunc._kernels.policy` decides whether torch takes over
+(with a warning) or the failure is an error.
 
 The kernels run on OpenMP threads. Built with `-fopenmp`, the library needs `libgomp.so.1`,
 which the dynamic loader finds already loaded when torch uses the GNU runtime (the Linux
@@ -21,7 +26,9 @@ reaches C.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import os
@@ -29,17 +36,21 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from vqfunc._kernels import build as _build_spec
 from vqfunc._kernels.torch_search import codebook_center
 
-_CSRC = Path(__file__).with_name("csrc")
-# The search kernel and the straight-through kernels, built together into one library.
-_SOURCES = ("nearest.c", "straight_through.c")
-_HEADERS = ("vqfunc_kernels.h",)
+_CSRC = _build_spec.CSRC
+_SOURCES = _build_spec.SOURCES
+_HEADERS = _build_spec.HEADERS
+_PREBUILT = _CSRC.parent / _build_spec.PREBUILT_DIR / _build_spec.PREBUILT_NAME
 # The status codes of csrc/vqfunc_kernels.h.
 _STATUS = {
     -1: "unsupported CPU or sizes",
@@ -47,10 +58,8 @@ _STATUS = {
     -3: "a code outside the codebook",
     -4: "inconsistent thread or buffer counts",
 }
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
-# OpenMP threads, in the runtime torch loads (libgomp.so.1 on Linux builds, found by its
-# soname); a compiler without OpenMP builds the same kernels single-threaded.
-_OPENMP_FLAGS = ("-fopenmp",)
+_FLAGS = _build_spec.FLAGS
+_OPENMP_FLAGS = _build_spec.OPENMP_FLAGS
 # Codes per panel and the padding of the codebook (whole groups of panels), as in the C source.
 PANEL = 16
 GROUP = 64
@@ -61,81 +70,220 @@ _ROW_BLOCK = 240
 _SLICES_PER_THREAD = 8
 
 
+# A temporary build directory older than this was left by a killed build: removed.
+_STALE_SECONDS = 600
+
+
+@functools.lru_cache(maxsize=1)
+def _private_temporary_dir() -> Path:
+    # No usable home: a directory of this process only (mkdtemp makes it 0700).
+    return Path(tempfile.mkdtemp(prefix="vqfunc-kernels-"))
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("VQFUNC_CACHE_DIR")
     if root:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "vqfunc"
+    if xdg:
+        return Path(xdg) / "vqfunc"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry
+        return _private_temporary_dir()
+    return home / ".cache" / "vqfunc"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _unsafe(path: Path, what: str) -> str | None:
+    """Why `path` must not be trusted (not ours, or writable by others), or None."""
+    info = path.stat()
+    if info.st_uid != os.geteuid():
+        return f"{what} {path} is owned by uid {info.st_uid}, not by this user"
+    if info.st_mode & 0o022:
+        return f"{what} {path} is group- or world-writable (mode {info.st_mode & 0o777:o})"
     return None
 
 
-def _build(compiler: str, flags: tuple[str, ...]) -> Path:
-    files = {name: (_CSRC / name).read_bytes() for name in (*_SOURCES, *_HEADERS)}
-    key = hashlib.sha256(
-        b"\0".join(name.encode() + b"\0" + text for name, text in files.items())
-        + compiler.encode()
-        + " ".join(flags).encode()
-        + platform.machine().encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: concurrent processes never see a partial file.
-    # Compile the very bytes that were hashed (not the files, which may have changed since),
-    # so a cached library always matches its key.
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        for name, text in files.items():
-            Path(work, name).write_bytes(text)
-        tmp = Path(work, target.name)
-        subprocess.run(
-            [compiler, *flags, "-o", str(tmp), *(str(Path(work, n)) for n in _SOURCES)],
-            check=True,
-            capture_output=True,
-            timeout=120,
+def _prepare_cache_dir(path: Path) -> Path:
+    """The cache directory, created private if missing; raises when it cannot be trusted."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    problem = _unsafe(path, "cache directory")
+    if problem is not None:
+        raise _BuildError(f"refused the {problem}")
+    return path
+
+
+def _compiler() -> str | None:
+    return _build_spec.find_compiler(os.environ.get("CC"))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=30, check=False
         )
-        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({error})"
+    return done.stdout + done.stderr
+
+
+def _target_isa() -> str:
+    """The machine and the vector extensions the kernels care about, as the cache key sees them."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f")
+    return platform.machine() + "".join(f"+{name}" for name in wanted if name in flags)
+
+
+class _BuildError(RuntimeError):
+    """A build or load that failed; the message carries the compiler's own error text."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _verify(target: Path) -> str | None:
+    """Why the cached library at `target` must not be loaded, or None when it may.
+
+    Its size and sha256 are recorded beside it when it is built: a truncated or altered file
+    (which ctypes would map and crash on) fails here instead.
+    """
+    record = _record_path(target)
+    if not target.exists() or not record.exists():
+        return "not built"
+    for path, what in ((target, "cached library"), (record, "cached library record")):
+        problem = _unsafe(path, what)
+        if problem is not None:
+            return problem
+    try:
+        size_text, digest = record.read_text().split()
+        size = int(size_text)
+    except ValueError:
+        return f"the record {record} is malformed"
+    if target.stat().st_size != size:
+        return f"the cached library {target} has {target.stat().st_size} bytes, not {size}"
+    if _sha256(target) != digest:
+        return f"the cached library {target} does not match its recorded sha256"
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive `fcntl` lock on `path`, held for the block (one build per key at a time)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_stale_temporaries(cache: Path) -> None:
+    """Remove the temporary build directories of killed builds (older than `_STALE_SECONDS`)."""
+    now = time.time()
+    for entry in cache.glob("tmp*"):
+        try:
+            if entry.is_dir() and now - entry.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cache_key(compiler: str, flags: tuple[str, ...], files: dict[str, bytes]) -> str:
+    return hashlib.sha256(
+        b"\0".join(name.encode() + b"\0" + text for name, text in files.items())
+        + b"\0"
+        + "\0".join((compiler, _compiler_version(compiler), " ".join(flags))).encode()
+        + _target_isa().encode()
+    ).hexdigest()[:16]
+
+
+def _build(compiler: str, flags: tuple[str, ...], *, rebuild: bool = False) -> Path:
+    """The cached library for these flags, verified, built first when missing or bad.
+
+    Built under a file lock beside the target, flushed to disk and renamed into place, its size
+    and sha256 recorded beside it. `rebuild` discards a cached library that verified but did
+    not load.
+    """
+    files = _build_spec.source_files()
+    cache = _prepare_cache_dir(_cache_dir())
+    target = cache / f"cpu_kernels_{_cache_key(compiler, flags, files)}.so"
+    with _file_lock(target.with_name(target.name + ".lock")):
+        _remove_stale_temporaries(cache)
+        problem = _verify(target)
+        if problem is None and not rebuild:
+            return target
+        if problem is not None and problem != "not built":
+            warnings.warn(f"vqfunc: {problem}; rebuilding it", RuntimeWarning, stacklevel=4)
+        for path in (target, _record_path(target)):
+            path.unlink(missing_ok=True)
+        # Compile the very bytes that were hashed (not the files, which may have changed
+        # since), so a cached library always matches its key.
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            for name, text in files.items():
+                Path(work, name).write_bytes(text)
+            tmp = Path(work, target.name)
+            command = _build_spec.compile_command(compiler, flags, Path(work), tmp)
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as error:
+                raise _BuildError(f"{' '.join(command[:-2])} failed: {error}") from error
+            if done.returncode != 0:
+                raise _BuildError(
+                    f"{compiler} {' '.join(flags)} exited with status {done.returncode}: "
+                    + (done.stderr.strip() or done.stdout.strip() or "no output")
+                )
+            data = tmp.read_bytes()
+            _write_synced(tmp, data)  # flushed before the rename makes it visible
+            os.chmod(tmp, 0o755)
+            record = Path(work, "record")
+            _write_synced(record, f"{len(data)} {hashlib.sha256(data).hexdigest()}\n".encode())
+            os.chmod(record, 0o644)
+            os.replace(tmp, target)
+            os.replace(record, _record_path(target))
+            _fsync_dir(cache)
+        problem = _verify(target)
+        if problem is not None:
+            raise _BuildError(f"the library just built does not verify: {problem}")
     return target
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("VQFUNC_CPU_KERNEL", "1") == "0":
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        return None
-    lib = None
-    for flags in (_FLAGS + _OPENMP_FLAGS, _FLAGS):
-        try:
-            lib = ctypes.CDLL(str(_build(compiler, flags)))
-            break
-        except (OSError, subprocess.SubprocessError):
-            continue
-    if lib is None:
-        return None
-    lib.vq_supported.restype = ctypes.c_int
-    lib.vq_pack_f32.restype = None
-    lib.vq_pack_f32.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-    ]
-    if not lib.vq_supported():
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.vq_supported.restype = c_int
+    lib.vq_pack_f32.restype = None
+    lib.vq_pack_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.vq_nearest_f32.restype = c_int
     lib.vq_nearest_f32.argtypes = [
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
@@ -153,7 +301,106 @@ def _library() -> ctypes.CDLL | None:
         *(f32, f32, f32),  # a_z, a_q, nu
         *(ptr, ptr, ptr, i64, c_int),  # grad_z, grad_cb, extra buffers, books, threads
     ]
-    return lib
+
+
+def _load_built(compiler: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Path]:
+    """Build (or reuse) and load; a verified library that does not load is rebuilt once."""
+    path = _build(compiler, flags)
+    try:
+        return ctypes.CDLL(str(path)), path
+    except OSError:
+        path = _build(compiler, flags, rebuild=True)
+        try:
+            return ctypes.CDLL(str(path)), path
+        except OSError as error:
+            raise _BuildError(f"{path} does not load: {error}") from error
+
+
+def _verify_prebuilt(path: Path) -> str | None:
+    """Why the library built with the package must not be loaded, or None when it may."""
+    record = path.with_name(path.name + ".sha256")
+    if not record.exists():
+        return f"{path} has no record"
+    if path.stat().st_mode & 0o002 or record.stat().st_mode & 0o002:
+        return f"{path} or its record is world-writable"
+    try:
+        size_text, digest, sources, _ = record.read_text().split()
+        size = int(size_text)
+    except ValueError:
+        return f"the record {record} is malformed"
+    if sources != _build_spec.source_digest(_build_spec.source_files()):
+        return f"{path} was built from other sources"
+    if path.stat().st_size != size or _sha256(path) != digest:
+        return f"{path} does not match its record"
+    return None
+
+
+def _load_prebuilt() -> tuple[ctypes.CDLL | None, str]:
+    if not _PREBUILT.exists():
+        return None, "no library was built with the package"
+    problem = _verify_prebuilt(_PREBUILT)
+    if problem is not None:
+        return None, problem
+    try:
+        lib = ctypes.CDLL(str(_PREBUILT))
+    except OSError as error:
+        return None, f"{_PREBUILT} does not load: {error}"
+    _declare(lib)
+    serial = "serial" in _PREBUILT.with_name(_PREBUILT.name + ".sha256").read_text()
+    threads = "single-threaded" if serial else "OpenMP"
+    return lib, f"built with the package, {_PREBUILT} ({threads})"
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library and where it came from, or None and why not.
+
+    The library built with the package when it matches the sources, else one built on first
+    use into the cache.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"not an x86-64 machine ({platform.machine()}); the kernels need AVX2 + FMA"
+    lib, prebuilt_note = _load_prebuilt()
+    if lib is not None:
+        if not lib.vq_supported():
+            return None, "this CPU lacks AVX2 or FMA"
+        return lib, prebuilt_note
+    compiler = _compiler()
+    if compiler is None:
+        return None, f"{prebuilt_note}, and no C compiler found ($CC, cc, gcc or clang on PATH)"
+    errors = []
+    for flags in (_FLAGS + _OPENMP_FLAGS, _FLAGS):
+        try:
+            lib, path = _load_built(compiler, flags)
+        except (_BuildError, OSError) as error:
+            errors.append(str(error))
+            continue
+        _declare(lib)
+        if not lib.vq_supported():
+            return None, "this CPU lacks AVX2 or FMA"
+        threads = "OpenMP" if flags != _FLAGS else "single-threaded: the compiler lacks OpenMP"
+        return lib, f"built on first use into {path} ({threads})"
+    return None, "the build failed: " + " | then without OpenMP: ".join(errors)
+
+
+def _library() -> ctypes.CDLL | None:
+    return _load()[0]
+
+
+def failure() -> str:
+    """Why the kernels are not available (the compiler's error text included), or ""."""
+    lib, note = _load()
+    return "" if lib is not None else note
+
+
+def location() -> str:
+    """Where the loaded library came from, or why there is none."""
+    return _load()[1]
+
+
+def reset() -> None:
+    """Forget the loaded library, so that the next use builds or loads it again."""
+    _load.cache_clear()
 
 
 def available() -> bool:

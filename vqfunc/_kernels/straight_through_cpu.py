@@ -1,11 +1,10 @@
-"""The compiled straight-through kernels (`_straight_through_kernel.c`): ctypes wrappers.
+"""The compiled straight-through kernels (`csrc/straight_through.c`): ctypes wrappers.
 
-`forward` and `backward` compute, for float32 CPU rows, what `_fused._StraightThroughWithLoss`
-computes chunk by chunk in torch, in one pass over the rows each: the selected codes (twice:
+`forward` and `backward` compute, for float32 CPU rows, what the operators of `straight_through`
+compute chunk by chunk in torch, in one pass over the rows each: the selected codes (twice:
 the straight-through output and `z_q`) with the weighted sum of squared differences, and the
-gradients of `z` and of the codebook. `_fused` uses them when `applies` holds and falls back to
-torch otherwise (other dtypes and devices, tensors inside `torch.func` transforms or
-`torch.compile` tracing, no compiled kernel).
+gradients of `z` and of the codebook. The custom operators of `straight_through` call them for
+float32 CPU tensors when the backend policy chooses the compiled kernels, and torch otherwise.
 
 The checks here guard the memory the C code reads and writes: shapes, dtypes, devices and
 strides are verified before any pointer reaches C, and codes are range-checked in C.
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vqfunc._kernels import cpu as _cpu_kernel
+from vqfunc._kernels import policy as _policy
 
 # Below this many elements per thread a second thread costs more than it saves.
 _MIN_ELEMENTS_PER_THREAD = 1 << 16
@@ -38,17 +38,11 @@ def _plain(t: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
 
 def applies(codes: Tensor, *tensors: Tensor | None) -> bool:
     """Whether `codes` (int64) and these float32 tensors (rows, codebook, weights, gradients)
-    can go to the C kernels.
-
-    Not while grad mode is on: the kernels' results carry no graph, so a backward with
-    `create_graph=True` (grad mode on) takes the differentiable torch path.
-    """
+    can go to the C kernels: plain CPU tensors, and the backend policy chooses the kernels."""
     return (
-        not torch.compiler.is_compiling()
-        and not torch.is_grad_enabled()
-        and _plain(codes, torch.int64)
+        _plain(codes, torch.int64)
         and all(_plain(t) for t in tensors)
-        and _cpu_kernel.available()
+        and _policy.cpu_kernel_runs(*tensors)
     )
 
 

@@ -7,10 +7,12 @@ copy of the codebook) besides the outputs. It reads float32,
 float16 and bfloat16 tensors in their own dtype. float32 products use `input_precision="ieee"`
 (not TF32), so the codes are as exact as the torch path's; half products use tensor cores.
 
-Triton is imported on first use only; without it (or with `VQFUNC_TRITON=0`) `available()` is
-false and vqfunc searches with torch. A launch that fails (a Triton that cannot compile the
-kernel for this GPU, say) warns once, naming the error, and switches the kernel off for the
-process: the search falls back to torch instead of crashing.
+Triton is imported on first use only; without it `available()` is false and vqfunc searches
+with torch. Whether the kernel runs at all is decided by `vqfunc._kernels.policy` (torch is the
+default on CUDA; `VQFUNC_TRITON=1` or `vqfunc.kernels.use(cuda="triton")` selects Triton).
+A launch that fails (a Triton that cannot compile the kernel for this GPU, say) warns once,
+naming the error, and switches the kernel off for the process: the search falls back to torch
+instead of crashing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
 import warnings
 from types import ModuleType
 from typing import NamedTuple
@@ -56,14 +57,26 @@ def _kernel_module() -> ModuleType | None:
 
 
 def available() -> bool:
-    """Whether Triton imports, the kernel is not disabled and no launch of it has failed."""
-    if os.environ.get("VQFUNC_TRITON", "1") == "0":
-        return False
+    """Whether Triton imports and no launch of the kernel has failed."""
     return not _failures and _kernel_module() is not None
 
 
+def failure() -> str:
+    """Why `available()` is false (or "" when it is true)."""
+    if _failures:
+        return f"a launch failed: {_failures[0]}"
+    if _kernel_module() is None:
+        return "Triton does not import"
+    return ""
+
+
 def usable(vectors: Tensor, codebook: Tensor) -> bool:
-    """Whether `search_codes` applies: 2-d CUDA tensors of one supported dtype."""
+    """Whether `search_codes` can run on these tensors: `applies` and `available()`."""
+    return applies(vectors, codebook) and available()
+
+
+def applies(vectors: Tensor, codebook: Tensor) -> bool:
+    """Whether the kernel takes these tensors: 2-d CUDA tensors of one supported dtype."""
     return (
         vectors.device.type == DEVICE_TYPE
         and codebook.device.type == DEVICE_TYPE
@@ -72,7 +85,6 @@ def usable(vectors: Tensor, codebook: Tensor) -> bool:
         and vectors.dim() == 2
         and codebook.dim() == 2
         and vectors.shape[1] == codebook.shape[1]
-        and available()
     )
 
 
@@ -206,7 +218,7 @@ def try_search_codes(vectors: Tensor, codebook: Tensor) -> Tensor | None:
         if not _failures:
             warnings.warn(
                 f"vqfunc's Triton search kernel failed ({type(error).__name__}: {error}); "
-                "searching with torch instead (set VQFUNC_TRITON=0 to skip the kernel)",
+                "searching with torch instead (unset VQFUNC_TRITON to skip the kernel)",
                 RuntimeWarning,
                 stacklevel=2,
             )

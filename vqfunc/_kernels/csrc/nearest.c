@@ -13,10 +13,11 @@
  * far and, on the rare improvement, remembers the group. At the end, the lanes holding the
  * row's minimum name the first group where it occurs; that group alone is recomputed with the
  * very same FMA sequence (so the scores match bit for bit) and the first code reaching the
- * minimum is returned, as argmin would. Memory: about 16 KiB of stack per thread, and the
- * centred rows of one row block, (ROW_BLOCK + TILE_ROWS) d floats, on the heap.
+ * minimum is returned, as argmin would. Memory: a few hundred bytes of stack per thread (the
+ * register tiles), and on the heap the centred rows of one row block, (ROW_BLOCK + TILE_ROWS) d
+ * floats, with their per-lane minima (about 23 KiB).
  *
- * Loops: row blocks of ROW_BLOCK rows (their per-lane minima on the stack), code blocks that
+ * Loops: row blocks of ROW_BLOCK rows (their per-lane minima on the heap), code blocks that
  * fit in L2, row tiles of TILE_ROWS rows whose vectors stay in L1.
  *
  * Built by vqfunc/_kernels/cpu.py with the system C compiler; no torch headers.
@@ -230,9 +231,15 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
                                const float *packed, const float *half_norms,
                                int64_t padded_groups, int64_t num_codes, const float *codebook,
                                const float *center, int64_t *codes, float *distances) {
-    /* The centred rows of one block, padded with its last row to whole tiles. */
-    float *block = malloc(sizeof(float) * (ROW_BLOCK + TILE_ROWS) * d);
+    /* One heap buffer (nothing large on the thread stack, so a small OMP_STACKSIZE works):
+     * the centred rows of one block, padded with its last row to whole tiles, then the
+     * per-lane minima of the block's rows (best, best_group) and of one group (minima). */
+    const size_t block_floats = (size_t)(ROW_BLOCK + TILE_ROWS) * (size_t)d;
+    float *block = malloc(sizeof(float) * (block_floats + (3 * ROW_BLOCK + TILE_ROWS) * 8));
     if (block == NULL) return VQ_NO_MEMORY;
+    float (*best)[8] = (float (*)[8])(block + block_floats);
+    int32_t (*best_group)[8] = (int32_t (*)[8])(block + block_floats + ROW_BLOCK * 8);
+    float (*minima)[8] = (float (*)[8])(block + block_floats + 2 * ROW_BLOCK * 8);
     /* A code block of about 192 KiB stays in L2 while a row block sweeps it. */
     /* Panels per group: the final recomputation of one group per row costs gp 16 d FMAs,
      * the per-group bookkeeping a few operations per row; gp = 128 / d balances them. */
@@ -240,9 +247,6 @@ TARGET static int nearest_rows(const float *x, int64_t row_begin, int64_t row_en
     const int64_t groups = padded_groups * (MAX_GROUP_PANELS / gp);
     int64_t block_groups = (192 * 1024) / (gp * PANEL * d * (int64_t)sizeof(float));
     if (block_groups < 1) block_groups = 1;
-    float best[ROW_BLOCK][8];
-    int32_t best_group[ROW_BLOCK][8];
-    float minima[ROW_BLOCK + TILE_ROWS][8];
     for (int64_t r0 = row_begin; r0 < row_end; r0 += ROW_BLOCK) {
         const int64_t r1 = r0 + ROW_BLOCK < row_end ? r0 + ROW_BLOCK : row_end;
         for (int64_t i = 0; i < r1 - r0; ++i)

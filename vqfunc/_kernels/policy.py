@@ -1,0 +1,202 @@
+"""Which backend runs: the one place that decides, read from the environment once.
+
+Two settings, process-wide (not per thread, so autograd's worker threads see the same):
+
+- `cpu`: `"compiled"` (the default: the C kernels of `csrc/` for float32 CPU tensors when they
+  build and load, else torch with a warning, once), `"torch"` (never the C kernels) or
+  `"require"` (the C kernels or an error: a fallback raises instead of warning).
+  `VQFUNC_CPU_KERNEL=1|0|require` sets the initial value.
+- `cuda`: `"torch"` (the default) or `"triton"` (the fused Triton search, when Triton imports;
+  else torch with a warning, once). `VQFUNC_TRITON=1|0` sets the initial value. torch stays the
+  default until a GPU benchmark has shown the Triton kernel ahead of it.
+
+`use(cpu=..., cuda=...)` changes them for the duration of a `with` block (users and tests
+alike); `describe()` reports, per device, dtype and operation, which backend runs and why the
+fast one does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from vqfunc._kernels import cpu as _cpu_kernel
+from vqfunc._kernels import triton_search as _triton_search
+
+CPU_CHOICES = ("compiled", "torch", "require")
+CUDA_CHOICES = ("torch", "triton")
+_CPU_ENVIRONMENT = {"1": "compiled", "0": "torch", "require": "require"}
+_CUDA_ENVIRONMENT = {"1": "triton", "0": "torch"}
+OPERATIONS = ("nearest_codes", "straight_through")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The backend choices in force: `cpu` in `CPU_CHOICES`, `cuda` in `CUDA_CHOICES`."""
+
+    cpu: str = "compiled"
+    cuda: str = "torch"
+
+
+def _from_environment() -> Settings:
+    cpu = os.environ.get("VQFUNC_CPU_KERNEL", "1").strip().lower()
+    cuda = os.environ.get("VQFUNC_TRITON", "0").strip().lower()
+    if cpu not in _CPU_ENVIRONMENT:
+        warnings.warn(
+            f"VQFUNC_CPU_KERNEL={cpu!r} is not one of 0, 1, require; using 1", stacklevel=2
+        )
+        cpu = "1"
+    if cuda not in _CUDA_ENVIRONMENT:
+        warnings.warn(f"VQFUNC_TRITON={cuda!r} is not one of 0, 1; using 0", stacklevel=2)
+        cuda = "0"
+    return Settings(cpu=_CPU_ENVIRONMENT[cpu], cuda=_CUDA_ENVIRONMENT[cuda])
+
+
+_settings = _from_environment()
+_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def settings() -> Settings:
+    """The settings in force."""
+    return _settings
+
+
+@contextlib.contextmanager
+def use(cpu: str | None = None, cuda: str | None = None) -> Iterator[Settings]:
+    """Run the `with` block with these backend choices (None keeps the current one)."""
+    global _settings
+    if cpu is not None and cpu not in CPU_CHOICES:
+        raise ValueError(f"cpu: expected one of {CPU_CHOICES}, got {cpu!r}")
+    if cuda is not None and cuda not in CUDA_CHOICES:
+        raise ValueError(f"cuda: expected one of {CUDA_CHOICES}, got {cuda!r}")
+    with _lock:
+        previous = _settings
+        _settings = replace(
+            previous,
+            **({} if cpu is None else {"cpu": cpu}),
+            **({} if cuda is None else {"cuda": cuda}),
+        )
+        current = _settings
+    try:
+        yield current
+    finally:
+        with _lock:
+            _settings = previous
+
+
+def _fall_back(key: str, message: str, *, strict: bool) -> None:
+    if strict:
+        raise RuntimeError(f"{message} (VQFUNC_CPU_KERNEL=require or use(cpu='require'))")
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def cpu_kernel_runs(*tensors: torch.Tensor | None) -> bool:
+    """Whether the compiled CPU kernels run on these tensors (float32 on CPU, None skipped).
+
+    With `cpu="compiled"`, a kernel that does not build or load warns once and answers False;
+    with `cpu="require"` it raises.
+    """
+    present = [t for t in tensors if t is not None]
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present):
+        return False
+    choice = _settings.cpu
+    if choice == "torch":
+        return False
+    if _cpu_kernel.available():
+        return True
+    _fall_back(
+        "cpu",
+        f"vqfunc's compiled CPU kernels are not available ({_cpu_kernel.failure()}); using "
+        "torch instead (set VQFUNC_CPU_KERNEL=0 to choose torch and silence this warning)",
+        strict=choice == "require",
+    )
+    return False
+
+
+def triton_runs(vectors: torch.Tensor, codebook: torch.Tensor) -> bool:
+    """Whether the Triton search runs on these tensors: only when asked for (`cuda="triton"`);
+    if Triton does not import, warns once and answers False."""
+    if _settings.cuda != "triton" or not _triton_search.applies(vectors, codebook):
+        return False
+    if _triton_search.available():
+        return True
+    _fall_back(
+        "triton",
+        f"vqfunc's Triton search is not available ({_triton_search.failure()}); using torch",
+        strict=False,
+    )
+    return False
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which implementation runs one operation for one device and dtype, and why."""
+
+    device: str
+    dtype: str
+    operation: str
+    backend: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.device} {self.dtype} {self.operation}: {self.backend} ({self.reason})"
+
+
+def _cpu_entry(dtype: torch.dtype, operation: str) -> tuple[str, str]:
+    # The search upcasts half inputs to float32 before it runs; the straight-through does not.
+    kernel_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    if operation == "nearest_codes":
+        kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if dtype not in kernel_dtypes:
+        return "torch", "the compiled kernel takes float32 only"
+    if _settings.cpu == "torch":
+        return "torch", "chosen (VQFUNC_CPU_KERNEL=0 or use(cpu='torch'))"
+    if not _cpu_kernel.available():
+        return "torch", f"the compiled kernels are not available: {_cpu_kernel.failure()}"
+    where = _cpu_kernel.location()
+    note = "in float32" if dtype != torch.float32 else "float32"
+    return "compiled", f"{note}, {where}"
+
+
+def _cuda_entry(dtype: torch.dtype, operation: str) -> tuple[str, str]:
+    if operation != "nearest_codes":
+        return "torch", "the only implementation on CUDA"
+    if dtype not in _triton_search.DTYPES:
+        return "torch", "the Triton kernel takes float32, float16 and bfloat16 only"
+    if _settings.cuda != "triton":
+        return "torch", (
+            "the default on CUDA until a GPU benchmark shows the Triton kernel ahead; "
+            "VQFUNC_TRITON=1 or use(cuda='triton') selects it"
+        )
+    if not _triton_search.available():
+        return "torch", f"the Triton kernel is not available: {_triton_search.failure()}"
+    if not torch.cuda.is_available():
+        return "triton", "chosen, but no CUDA device is visible"
+    return "triton", "chosen (VQFUNC_TRITON=1 or use(cuda='triton'))"
+
+
+def describe() -> tuple[Backend, ...]:
+    """One `Backend` per device (cpu, cuda), dtype and operation."""
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    entries = []
+    for device, entry in (("cpu", _cpu_entry), ("cuda", _cuda_entry)):
+        for dtype in dtypes:
+            for operation in OPERATIONS:
+                backend, reason = entry(dtype, operation)
+                name = str(dtype).removeprefix("torch.")
+                entries.append(Backend(device, name, operation, backend, reason))
+    return tuple(entries)
+
+
+def reset() -> None:
+    """Forget which fallbacks have warned, so that the next one warns again (for tests)."""
+    _warned.clear()
