@@ -62,6 +62,7 @@ def test_peak_memory_sees_a_large_allocation() -> None:
     assert small is not None and small < size // 4
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("keep_threads")
 def test_lfq_cost_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--lfq", "6", "--rows", "300", "--repeats", "1", "--threads", "1"]) == 0

@@ -104,6 +104,7 @@ def assert_same_run(actual: dict[str, Any], expected: dict[str, Any]) -> None:
             assert_digest(actual["final"][part], expected["final"][part], f"final {part}")
 
 
+@pytest.mark.slow
 @needs_checkout
 @pytest.mark.parametrize("name", vqtorch_examples.EXAMPLES)
 def test_example_matches_vqtorch(

@@ -90,6 +90,7 @@ def test_a_truncated_library_is_rebuilt_and_the_process_survives(tmp_path: Path)
     assert library.read_bytes() == data
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_a_group_writable_library_is_refused_and_rebuilt(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -161,6 +162,7 @@ def test_failed_builds_keep_the_compiler_error(
         _cpu_kernel.reset()
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_temporaries_of_killed_builds_are_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -273,6 +275,7 @@ def test_the_cache_key_changes_with_the_compiler_version_and_the_isa(
     assert base != key("cc (GCC) 12.2.0", "x86_64+avx2+fma+avx512f")
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_the_package_build_makes_a_library_that_is_verified_before_it_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
