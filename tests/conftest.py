@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -45,3 +46,13 @@ def parity_records() -> dict[str, dict[str, Any]]:
 def generator() -> torch.Generator:
     """A CPU generator with a fixed seed, fresh for every test."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def dynamo_counters() -> Iterator[Any]:
+    """Fresh dynamo counters, and any recompile turned into an error."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        yield torch._dynamo.utils.counters
+    torch._dynamo.reset()

@@ -7,11 +7,12 @@ the `aot_eager` backend (the same graph capture, without code generation).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from support.dynamo import assert_one_graph
 from torch import nn
 
 import vqfunc
@@ -22,22 +23,6 @@ from vqfunc._state import init_state, update_state
 pytestmark = pytest.mark.slow
 
 STEPS = 3
-
-
-@pytest.fixture
-def dynamo_counters() -> Iterator[Any]:
-    """Fresh dynamo counters, and any recompile turned into an error."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        yield torch._dynamo.utils.counters
-    torch._dynamo.reset()
-
-
-def assert_one_graph(counters: Any) -> None:
-    assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 1
-
 
 CFG = vqfunc.VQConfig(feature_size=8, num_codes=16, dim=-1, replace_freq=2, ema_decay=0.9)
 

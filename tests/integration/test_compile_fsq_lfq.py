@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.dynamo import assert_one_graph
 
 import vqfunc
 from vqfunc import fsq, lfq
@@ -17,20 +18,6 @@ from vqfunc import fsq, lfq
 pytestmark = pytest.mark.slow
 
 STEPS = 3
-
-
-@pytest.fixture
-def dynamo_counters() -> Iterator[Any]:
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        yield torch._dynamo.utils.counters
-    torch._dynamo.reset()
-
-
-def assert_one_graph(counters: Any) -> None:
-    assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 1
 
 
 def batches(features: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
