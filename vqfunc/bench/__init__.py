@@ -1,0 +1,53 @@
+"""`python -m vqfunc.bench`: speed and memory of the nearest-code search, side by side.
+
+For each shape `(N, D, K)` it times, in one run and interleaved (so that a busy machine slows
+every method alike): vqfunc's `nearest_codes`; vqfunc's `quantize` forward and
+forward+backward; a naive `torch.cdist` + `argmin` over the full `N x K` matrix; faiss
+`IndexFlatL2` when faiss is installed (`pip install vqfunc[bench]`); and the floor
+`2 N K D / GEMM rate`, the rate measured here on a large square matrix product (best run).
+On CPU each timed call starts after a short pause, so that no method pays for the threads the
+method before it left spinning.
+Each is printed as a median time and as a ratio; the codes of every method are compared with
+vqfunc's.
+
+Peak memory: on CPU, torch allocates through the C allocator, which `tracemalloc` does not see,
+so peaks are read from the kernel: `/proc/self/clear_refs` resets the peak resident set size
+(`VmHWM` in `/proc/self/status`), the call runs, and the new peak minus the resident size
+before the call is the call's peak extra memory (freed heap is first returned with
+`malloc_trim`, so it does not hide in the baseline). On CUDA, `torch.cuda` memory statistics.
+
+Options: `--device cuda`, `--dtype`, `--threads`, `--repeats`, `--quick` (tiny shapes, used by
+the test suite, which checks the codes, never the timings), `--memory` (peak extra memory
+of `quantize` on N = 1,000,000, D = 64, K = 8192) and `--lfq BITS` (time and peak extra memory
+of the loss of `vqfunc.lfq.quantize` at `BITS` bits on `--rows` vectors, forward and
+forward+backward, next to the size of the `N x 2**BITS` table a full computation would hold).
+"""
+
+from __future__ import annotations
+
+from vqfunc.bench._cli import main
+from vqfunc.bench._lfq import lfq_check
+from vqfunc.bench._search import (
+    FULL_SHAPES,
+    MEMORY_SHAPE,
+    QUICK_SHAPES,
+    Row,
+    bench_shape,
+    format_table,
+    memory_check,
+)
+from vqfunc.bench._timing import PeakMemory, gemm_rate
+
+__all__ = [
+    "FULL_SHAPES",
+    "MEMORY_SHAPE",
+    "QUICK_SHAPES",
+    "PeakMemory",
+    "Row",
+    "bench_shape",
+    "format_table",
+    "gemm_rate",
+    "lfq_check",
+    "main",
+    "memory_check",
+]

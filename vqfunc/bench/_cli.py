@@ -1,0 +1,79 @@
+"""The command line of `python -m vqfunc.bench`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+
+import vqfunc.bench as _package
+from vqfunc._search import uses_cpu_kernel
+from vqfunc.bench._lfq import lfq_check
+from vqfunc.bench._search import (
+    FULL_SHAPES,
+    MEMORY_SHAPE,
+    QUICK_SHAPES,
+    bench_shape,
+    format_table,
+    memory_check,
+)
+from vqfunc.bench._timing import gemm_rate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vqfunc.bench", description=_package.__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"]
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
+    parser.add_argument("--memory", action="store_true", help="peak memory of quantize on 1e6")
+    parser.add_argument(
+        "--shapes", default=None, help="N,D,K;N,D,K;... instead of the built-in table"
+    )
+    parser.add_argument("--lfq", type=int, default=None, metavar="BITS", help="LFQ loss cost")
+    parser.add_argument("--rows", type=int, default=4096, help="vectors for --lfq")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    probe = torch.zeros(1, 1, device=device, dtype=torch.promote_types(dtype, torch.float32))
+    print(
+        f"vqfunc.bench: device={device}, dtype={args.dtype}, threads={args.threads}, "
+        f"repeats={args.repeats}, compiled CPU kernel in use: {uses_cpu_kernel(probe, probe)}"
+    )
+    if args.memory:
+        report = memory_check(device, dtype)
+        n, d, k = MEMORY_SHAPE
+        print(f"quantize peak memory on N={n}, D={d}, K={k} (MiB):")
+        for key, value in report.items():
+            print(f"  {key:>18}: {value:9.1f}")
+        return 0
+    if args.lfq is not None:
+        report = lfq_check(args.lfq, args.rows, device, dtype, args.repeats)
+        print(f"vqfunc.lfq.quantize loss, bits={args.lfq}, N={args.rows}:")
+        for key, value in report.items():
+            print(f"  {key:>26}: {value:9.1f}")
+        return 0
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    else:
+        shapes = list(QUICK_SHAPES if args.quick else FULL_SHAPES)
+    repeats = 1 if args.quick else args.repeats
+    size = 512 if args.quick else 2048
+    rate = gemm_rate(device, torch.promote_types(dtype, torch.float32), repeats, size)
+    print(f"GEMM rate: {rate / 1e9:.1f} GFLOP/s ({size}^3, best run)")
+    rows = []
+    for shape in shapes:
+        rows.append(bench_shape(shape, device, dtype, repeats, rate))  # type: ignore[arg-type]
+        print(format_table(rows).splitlines()[-1], flush=True)  # progress, one line per shape
+    print()
+    print(format_table(rows))
+    disagree = [r.shape for r in rows if r.agreement and min(r.agreement.values()) < 0.999]
+    if disagree:
+        print(f"codes disagree on {disagree}")
+        return 1
+    return 0
