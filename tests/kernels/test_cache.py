@@ -24,27 +24,24 @@ needs_kernel = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _no_prebuilt_library(monkeypatch: pytest.MonkeyPatch) -> None:
     # The library built with the package would be loaded before the cache is looked at.
-    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path("/nonexistent/cpu_kernels.so"))
+    monkeypatch.setenv("VQFUNC_PREBUILT", "0")
 
 
 # Searches with the compiled kernel (several threads when OMP allows), checks the codes against
 # torch, and prints the warnings vqfunc gave.
-_NO_PREBUILT = """
-from pathlib import Path
-from vqfunc._kernels import cpu
-cpu._PREBUILT = Path("/nonexistent/cpu_kernels.so")  # the cache is what is checked here
-"""
+# (`_env` sets VQFUNC_PREBUILT=0: the cache is what is checked here.) 6000 x 300 x 16 score
+# evaluations are enough work for two threads.
+_LOAD = "from vqfunc._kernels import cpu\n"
 _SEARCH = (
-    _NO_PREBUILT
+    _LOAD
     + """
 import warnings, torch
 from vqfunc._search import torch_nearest_codes
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     assert cpu.available(), cpu.failure()
-cpu._MIN_WORK_PER_THREAD = 1
 torch.set_num_threads(2)
-v, c = torch.randn(3000, 16), torch.randn(300, 16)
+v, c = torch.randn(6000, 16), torch.randn(300, 16)
 codes, _ = cpu.nearest_codes_f32(v, c)
 assert torch.equal(codes, torch_nearest_codes(v, c))
 print("cache", cpu._cache_dir())
@@ -69,7 +66,7 @@ def _env(cache: Path | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("VQFUNC_CACHE_DIR", "OMP_STACKSIZE")}
     if cache is not None:
         env["VQFUNC_CACHE_DIR"] = str(cache)
-    return {**env, "OMP_NUM_THREADS": "2", **extra}
+    return {**env, "OMP_NUM_THREADS": "2", "VQFUNC_PREBUILT": "0", **extra}
 
 
 def _libraries(cache: Path) -> list[Path]:
@@ -193,7 +190,7 @@ def test_a_killed_build_leaves_no_library(tmp_path: Path) -> None:
     compiler.chmod(0o755)
     cache = tmp_path / "cache"
     child = subprocess.Popen(
-        [sys.executable, "-c", _NO_PREBUILT + "cpu.available()"],
+        [sys.executable, "-c", _LOAD + "cpu.available()"],
         env=_env(cache, CC=str(compiler)),
         start_new_session=True,
     )
@@ -259,15 +256,11 @@ def test_a_small_openmp_stack_is_enough(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr  # a segmentation fault with the minima on the stack
 
 
-def test_the_cache_key_changes_with_the_compiler_version_and_the_isa(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_cache_key_changes_with_the_compiler_version_and_the_isa() -> None:
     files = {"a.c": b"int x;"}
 
     def key(version: str, isa: str) -> str:
-        monkeypatch.setattr(_cpu_kernel, "_compiler_version", lambda compiler: version)
-        monkeypatch.setattr(_cpu_kernel, "_target_isa", lambda: isa)
-        return _cpu_kernel._cache_key("/usr/bin/cc", ("-O3",), files)
+        return _cpu_kernel.cache_key("/usr/bin/cc", version, isa, ("-O3",), files)
 
     base = key("cc (GCC) 12.2.0", "x86_64+avx2+fma")
     assert base == key("cc (GCC) 12.2.0", "x86_64+avx2+fma")
@@ -285,7 +278,7 @@ def test_the_package_build_makes_a_library_that_is_verified_before_it_loads(
     library = tmp_path / _cpu_kernel._build_spec.PREBUILT_NAME
     assert _cpu_kernel._verify_prebuilt(library) is None
     assert not list(tmp_path.glob("tmp*"))
-    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", library)
+    monkeypatch.setenv("VQFUNC_PREBUILT", str(library))
     _cpu_kernel.reset()
     try:
         assert _cpu_kernel.available()

@@ -76,11 +76,11 @@ def _values_and_grads(fn: Any, z: torch.Tensor, codebook: torch.Tensor, *args: A
 @pytest.mark.parametrize("nu", [0.0, 0.3])
 @pytest.mark.parametrize("chunk", [20, 1 << 20])
 def test_equals_the_simple_composition(
-    mask: str, nu: float, chunk: int, generator: torch.Generator, monkeypatch: Any
+    mask: str, nu: float, chunk: int, generator: torch.Generator
 ) -> None:
-    monkeypatch.setattr(_fused, "_CHUNK_ELEMENTS", chunk)  # 4 rows of 5, or all
     z, codebook, codes, weights = _case(13, generator, mask)
-    got = _values_and_grads(_fused_call, z, codebook, codes, 0.7, nu, weights)
+    with vqfunc.kernels.use(chunk_elements=chunk):  # 4 rows of 5, or all
+        got = _values_and_grads(_fused_call, z, codebook, codes, 0.7, nu, weights)
     want = _values_and_grads(_simple, z, codebook, codes, 0.7, nu, weights)
     assert torch.equal(got[0], want[0])  # the value is exactly the selected codes
     assert torch.equal(got[1], want[1])
@@ -105,10 +105,15 @@ def test_empty_and_fully_masked_batches(mask: str, generator: torch.Generator) -
         torch.testing.assert_close(gc, want[4])
 
 
-def test_func_grad_and_vmap_over_codebooks_equal_a_loop(
-    generator: torch.Generator, monkeypatch: Any
-) -> None:
-    monkeypatch.setattr(_fused, "_CHUNK_ELEMENTS", 20)  # chunks of 4 rows
+@pytest.fixture
+def chunks_of_few_rows() -> Any:
+    # 20 elements a chunk: 4 rows of 5, or 3 to 10 rows of a group's 2 to 6 entries.
+    with vqfunc.kernels.use(chunk_elements=20) as settings:
+        yield settings
+
+
+@pytest.mark.usefixtures("chunks_of_few_rows")
+def test_func_grad_and_vmap_over_codebooks_equal_a_loop(generator: torch.Generator) -> None:
     z, _, codes, weights = _case(10, generator, "float")
     books = torch.randn(3, 7, 5, generator=generator, dtype=torch.float64)
 
@@ -166,10 +171,10 @@ def _reference_quantize(
     ids=["plain", "separate-sync", "shared-cosine-affine", "separate-cosine"],
 )
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.usefixtures("chunks_of_few_rows")
 def test_quantize_equals_the_simple_composition(
-    cfg: VQConfig, masked: bool, generator: torch.Generator, monkeypatch: Any
+    cfg: VQConfig, masked: bool, generator: torch.Generator
 ) -> None:
-    monkeypatch.setattr(_fused, "_CHUNK_ELEMENTS", 10)  # 1 to 5 rows a chunk
     params = vqfunc.init_params(cfg, generator=generator, dtype=torch.float64)
     affine = params.affine_scale.shape
     params = params._replace(

@@ -20,7 +20,8 @@ from vqfunc._search import nearest_codes, uses_cpu_kernel
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    # VQFUNC_PREBUILT=0: the cache decides, not the library built with the package.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "VQFUNC_PREBUILT": "0", **env}
     return subprocess.run(
         [sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300
     )
@@ -43,6 +44,24 @@ def test_use_rejects_unknown_choices() -> None:
         pass
     with pytest.raises(ValueError, match="cuda"), vqfunc.kernels.use(cuda="cuda"):
         pass
+    before = vqfunc.kernels.settings()
+    for bad in (0, -3, 2.5, True, "many"):
+        with (
+            pytest.raises(ValueError, match=f"chunk_elements: .*got {bad!r}"),
+            vqfunc.kernels.use(chunk_elements=bad),  # type: ignore[arg-type]
+        ):
+            pass
+        assert vqfunc.kernels.settings() == before
+
+
+def test_use_changes_only_what_it_names_and_nests() -> None:
+    before = vqfunc.kernels.settings()
+    with vqfunc.kernels.use(chunk_elements=64) as outer:
+        assert outer.chunk_elements == 64 and outer.cpu == before.cpu
+        with vqfunc.kernels.use(cpu="torch") as inner:
+            assert inner.chunk_elements == 64 and inner.cpu == "torch"
+        assert vqfunc.kernels.settings() == outer
+    assert vqfunc.kernels.settings() == before
 
 
 def test_status_covers_every_device_dtype_and_operation() -> None:
@@ -81,9 +100,6 @@ def _untrusted_cache(tmp_path: Path) -> Path:
 
 _SEARCH = (
     "import torch, warnings, vqfunc\n"
-    "from pathlib import Path\n"
-    "from vqfunc._kernels import cpu\n"
-    "cpu._PREBUILT = Path('/nonexistent/cpu_kernels.so')  # so that the cache decides\n"
     "from vqfunc._search import nearest_codes, torch_nearest_codes\n"
     "v, c = torch.randn(30, 8), torch.randn(20, 8)\n"
     "with warnings.catch_warnings(record=True) as caught:\n"
@@ -115,7 +131,7 @@ def test_require_turns_the_fallback_into_an_error(tmp_path: Path) -> None:
 
 
 def test_require_in_a_block(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", tmp_path / "absent.so")
+    monkeypatch.setenv("VQFUNC_PREBUILT", "0")  # so that the cache decides
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(_untrusted_cache(tmp_path)))
     _cpu_kernel.reset()
     _policy.reset()

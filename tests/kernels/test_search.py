@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,10 +104,11 @@ def test_torch_fallback_gives_the_same_codes() -> None:
 
 
 def test_failed_build_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    # No compiler anywhere: $CC names none, and PATH holds an empty directory.
     monkeypatch.setenv("CC", "/nonexistent/compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_cpu_kernel._build_spec.shutil, "which", lambda name: None)
-    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path(str(tmp_path)) / "absent.so")
+    monkeypatch.setenv("VQFUNC_PREBUILT", "0")
     _cpu_kernel.reset()
     _policy.reset()
     try:
@@ -128,9 +129,15 @@ def test_failed_build_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: obje
 def test_compiler_without_openmp_builds_single_threaded_kernels(
     monkeypatch: pytest.MonkeyPatch, tmp_path: object
 ) -> None:
-    # A flag the compiler rejects stands for a compiler without OpenMP.
-    monkeypatch.setattr(_cpu_kernel, "_OPENMP_FLAGS", ("-fno-such-openmp-flag",))
-    monkeypatch.setattr(_cpu_kernel, "_PREBUILT", Path(str(tmp_path)) / "absent.so")
+    # A compiler that rejects -fopenmp, as one built without OpenMP support does.
+    compiler = Path(str(tmp_path)) / "cc-without-openmp"
+    real = shutil.which("cc") or shutil.which("gcc") or "cc"
+    compiler.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("VQFUNC_PREBUILT", "0")
     monkeypatch.setenv("VQFUNC_CACHE_DIR", str(tmp_path))
     _cpu_kernel.reset()
     try:
@@ -245,11 +252,11 @@ def test_zero_dimensional_codes_pick_the_first() -> None:
     assert torch.equal(distances, torch.zeros(3))
 
 
-def test_kernel_failure_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = SimpleNamespace(vq_pack_f32=lambda *args: None, vq_nearest_f32=lambda *args: -2)
-    monkeypatch.setattr(_cpu_kernel, "_library", lambda: fake)
-    with pytest.raises(RuntimeError, match="status -2"):
-        _cpu_kernel.nearest_codes_f32(torch.randn(480, 4), torch.randn(10, 4))
+@pytest.mark.parametrize(("status", "reason"), [(-2, "out of memory"), (-7, "unknown status")])
+def test_a_kernel_status_becomes_an_error_that_names_it(status: int, reason: str) -> None:
+    with pytest.raises(RuntimeError, match=f"status {status} \\({reason}\\)"):
+        _cpu_kernel.check_status(status)
+    _cpu_kernel.check_status(0)
 
 
 def _search_in_child(vectors: torch.Tensor, codebook: torch.Tensor, expected: torch.Tensor) -> None:
@@ -259,12 +266,12 @@ def _search_in_child(vectors: torch.Tensor, codebook: torch.Tensor, expected: to
 
 
 @needs_kernel
-def test_forked_child_searches_without_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forked_child_searches_without_hanging() -> None:
     # The parent's OpenMP pool (started here) has no threads in a forked child; a parallel
-    # region there would wait for them forever, so the child searches on one thread.
-    monkeypatch.setattr(_cpu_kernel, "_MIN_WORK_PER_THREAD", 1)
+    # region there would wait for them forever, so the child searches on one thread. 8000 x
+    # 300 x 8 score evaluations are enough work for two threads in the parent.
     g = torch.Generator().manual_seed(8)
-    vectors, codebook = torch.randn(2000, 8, generator=g), torch.randn(300, 8, generator=g)
+    vectors, codebook = torch.randn(8000, 8, generator=g), torch.randn(300, 8, generator=g)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

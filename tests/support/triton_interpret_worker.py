@@ -240,7 +240,7 @@ def main() -> None:
     # The interpreter runs the kernel on CPU tensors; compiled, it runs on CUDA ones only.
     interpreting = DEVICE.type == "cpu"
     assert interpreting is triton_kernel.INTERPRETED, "TRITON_INTERPRET=1 for cpu, unset for cuda"
-    _triton_search.DEVICE_TYPE = DEVICE.type
+    assert DEVICE.type == _triton_search.DEVICE_TYPE  # read from TRITON_INTERPRET at import
     checks = {
         name: fn for name, fn in globals().items() if name.startswith("check_") and callable(fn)
     }

@@ -50,7 +50,7 @@ from vqfunc._kernels.torch_search import codebook_center
 _CSRC = _build_spec.CSRC
 _SOURCES = _build_spec.SOURCES
 _HEADERS = _build_spec.HEADERS
-_PREBUILT = _CSRC.parent / _build_spec.PREBUILT_DIR / _build_spec.PREBUILT_NAME
+_PACKAGED = _CSRC.parent / _build_spec.PREBUILT_DIR / _build_spec.PREBUILT_NAME
 # The status codes of csrc/vqfunc_kernels.h.
 _STATUS = {
     -1: "unsupported CPU or sizes",
@@ -220,12 +220,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _cache_key(compiler: str, flags: tuple[str, ...], files: dict[str, bytes]) -> str:
+def cache_key(
+    compiler: str, version: str, isa: str, flags: tuple[str, ...], files: dict[str, bytes]
+) -> str:
+    """The name of a cached library: a hash of the sources, the compiler, its `--version`
+    text, the target ISA and the flags."""
     return hashlib.sha256(
         b"\0".join(name.encode() + b"\0" + text for name, text in files.items())
         + b"\0"
-        + "\0".join((compiler, _compiler_version(compiler), " ".join(flags))).encode()
-        + _target_isa().encode()
+        + "\0".join((compiler, version, " ".join(flags))).encode()
+        + isa.encode()
     ).hexdigest()[:16]
 
 
@@ -238,7 +242,8 @@ def _build(compiler: str, flags: tuple[str, ...], *, rebuild: bool = False) -> P
     """
     files = _build_spec.source_files()
     cache = _prepare_cache_dir(_cache_dir())
-    target = cache / f"cpu_kernels_{_cache_key(compiler, flags, files)}.so"
+    key = cache_key(compiler, _compiler_version(compiler), _target_isa(), flags, files)
+    target = cache / f"cpu_kernels_{key}.so"
     with _file_lock(target.with_name(target.name + ".lock")):
         _remove_stale_temporaries(cache)
         problem = _verify(target)
@@ -335,20 +340,36 @@ def _verify_prebuilt(path: Path) -> str | None:
     return None
 
 
+def prebuilt_path() -> Path | None:
+    """The prebuilt library to try before the cache, from `VQFUNC_PREBUILT` (read at each
+    load): unset or `1`, the one built with the package; `0`, none (always build on first use,
+    into the cache); anything else, the path of a library built by `vqfunc._kernels.build`
+    elsewhere (with its `.sha256` record beside it)."""
+    choice = os.environ.get("VQFUNC_PREBUILT", "1").strip()
+    if choice in ("", "1"):
+        return _PACKAGED
+    if choice == "0":
+        return None
+    return Path(choice)
+
+
 def _load_prebuilt() -> tuple[ctypes.CDLL | None, str]:
-    if not _PREBUILT.exists():
-        return None, "no library was built with the package"
-    problem = _verify_prebuilt(_PREBUILT)
+    path = prebuilt_path()
+    if path is None:
+        return None, "the library built with the package is ignored (VQFUNC_PREBUILT=0)"
+    if not path.exists():
+        return None, f"no library was built with the package ({path})"
+    problem = _verify_prebuilt(path)
     if problem is not None:
         return None, problem
     try:
-        lib = ctypes.CDLL(str(_PREBUILT))
+        lib = ctypes.CDLL(str(path))
     except OSError as error:
-        return None, f"{_PREBUILT} does not load: {error}"
+        return None, f"{path} does not load: {error}"
     _declare(lib)
-    serial = "serial" in _PREBUILT.with_name(_PREBUILT.name + ".sha256").read_text()
+    serial = "serial" in path.with_name(path.name + ".sha256").read_text()
     threads = "single-threaded" if serial else "OpenMP"
-    return lib, f"built with the package, {_PREBUILT} ({threads})"
+    return lib, f"built with the package, {path} ({threads})"
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,7 +22,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -38,10 +38,19 @@ OPERATIONS = ("nearest_codes", "straight_through")
 
 @dataclass(frozen=True)
 class Settings:
-    """The backend choices in force: `cpu` in `CPU_CHOICES`, `cuda` in `CUDA_CHOICES`."""
+    """The backend choices in force.
+
+    Attributes:
+        cpu: one of `CPU_CHOICES`.
+        cuda: one of `CUDA_CHOICES`.
+        chunk_elements: elements of `z` that the torch straight-through path (every device
+            but the compiled CPU kernel) processes at once: it bounds that path's workspace to
+            a few temporaries of this many elements (4 MiB each in float32 by default).
+    """
 
     cpu: str = "compiled"
     cuda: str = "torch"
+    chunk_elements: int = 1 << 20
 
 
 def _from_environment() -> Settings:
@@ -69,19 +78,24 @@ def settings() -> Settings:
 
 
 @contextlib.contextmanager
-def use(cpu: str | None = None, cuda: str | None = None) -> Iterator[Settings]:
-    """Run the `with` block with these backend choices (None keeps the current one)."""
+def use(
+    cpu: str | None = None, cuda: str | None = None, chunk_elements: int | None = None
+) -> Iterator[Settings]:
+    """Run the `with` block with these settings (None keeps the current one; see `Settings`)."""
     global _settings
     if cpu is not None and cpu not in CPU_CHOICES:
         raise ValueError(f"cpu: expected one of {CPU_CHOICES}, got {cpu!r}")
     if cuda is not None and cuda not in CUDA_CHOICES:
         raise ValueError(f"cuda: expected one of {CUDA_CHOICES}, got {cuda!r}")
+    bad_chunk = isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int)
+    if chunk_elements is not None and (bad_chunk or chunk_elements < 1):
+        raise ValueError(f"chunk_elements: expected an int >= 1, got {chunk_elements!r}")
     with _lock:
         previous = _settings
-        _settings = replace(
-            previous,
-            **({} if cpu is None else {"cpu": cpu}),
-            **({} if cuda is None else {"cuda": cuda}),
+        _settings = Settings(
+            cpu=previous.cpu if cpu is None else cpu,
+            cuda=previous.cuda if cuda is None else cuda,
+            chunk_elements=previous.chunk_elements if chunk_elements is None else chunk_elements,
         )
         current = _settings
     try:

@@ -37,14 +37,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through_cpu as _straight_through_cpu
-
-# Elements of one chunk of rows: a float32 temporary of 2**20 elements is 4 MiB.
-_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunk_rows(z: Tensor) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(z.shape[1], 1))
+    # Rows of one chunk: `settings().chunk_elements` elements (a float32 temporary of the
+    # default 2**20 is 4 MiB).
+    return max(1, _policy.settings().chunk_elements // max(z.shape[1], 1))
 
 
 def _chunks(z: Tensor) -> range:

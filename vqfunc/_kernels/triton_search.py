@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 import warnings
 from types import ModuleType
 from typing import NamedTuple
@@ -30,9 +31,9 @@ from torch import Tensor
 from vqfunc._kernels.torch_search import centered_codebook, codebook_center
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The device type the compiled kernel runs on. The interpreter tests set it to "cpu", since
-# under `TRITON_INTERPRET=1` the kernel runs on CPU tensors.
-DEVICE_TYPE = "cuda"
+# The device type the kernel runs on: under Triton's interpreter (`TRITON_INTERPRET=1`, which
+# `triton.jit` also reads when the kernel is defined) it runs on CPU tensors.
+DEVICE_TYPE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 # Errors of failed launches; one is enough to stop using the kernel in this process. The
 # library's one piece of module state besides the import cache: it only ever disables a path.
 _failures: list[str] = []
