@@ -56,3 +56,13 @@ def dynamo_counters() -> Iterator[Any]:
     with torch._dynamo.config.patch(error_on_recompile=True):
         yield torch._dynamo.utils.counters
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, with the reason, where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (python -m vqfunc.bench --gpu-check)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

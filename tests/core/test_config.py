@@ -128,7 +128,7 @@ def test_init_params_same_seed_same_codebook() -> None:
     assert vqfunc.init_params(cfg, generator=torch.Generator(), device="meta").codebook.is_meta
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_init_params_cpu_generator_seeds_a_cuda_codebook() -> None:
     cfg = VQConfig(feature_size=4, num_codes=8)
     cpu = vqfunc.init_params(cfg, generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,8 @@ the test suite, which checks the codes, never the timings), `--memory` (peak ext
 of `quantize` on N = 1,000,000, D = 64, K = 8192) and `--lfq BITS` (time and peak extra memory
 of the loss of `vqfunc.lfq.quantize` at `BITS` bits on `--rows` vectors, forward and
 forward+backward, next to the size of the `N x 2**BITS` table a full computation would hold).
+`--gpu-check` runs the CUDA tests and compares the torch and Triton paths on CUDA
+(`vqfunc.bench._gpu_check`).
 """
 
 from __future__ import annotations

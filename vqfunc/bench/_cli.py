@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 import vqfunc.bench as _package
 from vqfunc._search import uses_cpu_kernel
+from vqfunc.bench._gpu_check import gpu_check
 from vqfunc.bench._lfq import lfq_check
 from vqfunc.bench._search import (
     FULL_SHAPES,
@@ -36,7 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--lfq", type=int, default=None, metavar="BITS", help="LFQ loss cost")
     parser.add_argument("--rows", type=int, default=4096, help="vectors for --lfq")
+    parser.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="the CUDA tests, then torch against Triton on CUDA (run in the repository root)",
+    )
     args = parser.parse_args(argv)
+    if args.gpu_check:
+        return gpu_check(Path.cwd(), quick=args.quick)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
