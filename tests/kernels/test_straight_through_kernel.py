@@ -6,16 +6,17 @@ counts."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
+from support.profiling import kernel_calls
 
 import vqfunc
 from vqfunc._kernels import cpu as _cpu_kernel
 from vqfunc._kernels import straight_through as _fused
 from vqfunc._kernels import straight_through_cpu as _straight_through_cpu
 
+FORWARD = "vqfunc.cpu_kernel.straight_through_forward"
+BACKWARD = "vqfunc.cpu_kernel.straight_through_backward"
 needs_kernel = pytest.mark.skipif(
     not _cpu_kernel.available(), reason="the compiled CPU kernel does not build here"
 )
@@ -148,19 +149,8 @@ def test_two_threads_on_enough_work_equal_the_float64_formulas(weights: str, gra
 
 
 @needs_kernel
-def test_fused_function_takes_the_kernel_and_agrees_with_the_torch_path(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_fused_function_takes_the_kernel_and_agrees_with_the_torch_path() -> None:
     z, codebook, codes, w = _case(500, 24, 30, 9, "float")
-    calls: list[str] = []
-    for name in ("forward", "backward"):
-        original = getattr(_straight_through_cpu, name)
-
-        def spy(*args: Any, _name: str = name, _f: Any = original, **kwargs: Any) -> Any:
-            calls.append(_name)
-            return _f(*args, **kwargs)
-
-        monkeypatch.setattr(_straight_through_cpu, name, spy)
 
     def run() -> tuple[torch.Tensor, ...]:
         zz = z.clone().requires_grad_(True)
@@ -172,11 +162,11 @@ def test_fused_function_takes_the_kernel_and_agrees_with_the_torch_path(
         task = task + z_q.square().sum() + 2.0 * loss
         return (out.detach(), loss.detach(), *torch.autograd.grad(task, (zz, book)))
 
-    with_kernel = run()
-    assert calls == ["forward", "backward"]
+    with_kernel, calls = kernel_calls(run)
+    assert calls == {FORWARD: 1, BACKWARD: 1}
     with vqfunc.kernels.use(cpu="torch"):
-        with_torch = run()
-    assert len(calls) == 2
+        with_torch, calls = kernel_calls(run)
+    assert not calls
     for a, b in zip(with_kernel, with_torch, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

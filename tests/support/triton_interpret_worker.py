@@ -17,6 +17,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from vqfunc._search import _exact_distances as exact_distances
 from vqfunc._search import nearest_codes, torch_nearest_codes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for `support`
+from support.profiling import kernel_calls
 from support.reference import assert_nearest, brute_force
 
 # The device of the checks' tensors: "cpu" under the interpreter, else "cuda" (set by `main`).
@@ -172,40 +174,30 @@ def check_float32_codes_are_exact_under_an_offset() -> None:
 
 
 def check_search_op_runs_the_kernel() -> None:
-    calls = []
-    launch = triton_kernel.nearest_codes_kernel
-
-    class Counting:
-        def __getitem__(self, grid: tuple[int]) -> Callable[..., object]:
-            calls.append(grid)
-            return launch[grid]
-
-    triton_kernel.nearest_codes_kernel = Counting()  # type: ignore[assignment]
-    try:
-        vectors, codebook = problem(50, 40, 16, torch.float32, 5)
-        codes, distances = nearest_codes(vectors, codebook)
-        assert calls, "nearest_codes did not launch the Triton kernel"
-        assert_exact_ties_aside(vectors, codebook, codes)
-        assert distances.dtype == torch.float32
-        for dtype in HALVES:
-            # Half tensors handed to the op as they are, as nearest_codes does on CUDA.
-            z, c = problem(50, 40, 16, dtype, 6)
-            codes, distances = torch.ops.vqfunc.nearest_codes(z, c)
-            assert distances.dtype == torch.float32
-            assert_exact_ties_aside(z, c, codes)
-            # Through nearest_codes: uncast on CUDA, upcast to float32 on CPU.
-            launches = len(calls)
-            codes, distances = nearest_codes(z, c)
-            assert len(calls) == launches + 1 and distances.dtype == torch.float32
-            assert_exact_ties_aside(z, c, codes)
-        # The vmap rule pools a stack of vectors into one launch.
-        stack, books = problem(3 * 20, 2 * 30, 8, torch.float32, 7)
-        stack = stack.view(3, 20, 8)
-        pooled = torch.func.vmap(nearest_codes, in_dims=(0, None))(stack, books[:30])
-        for i in range(3):
-            assert_exact_ties_aside(stack[i], books[:30], pooled[0][i])
-    finally:
-        triton_kernel.nearest_codes_kernel = launch
+    launch = "vqfunc.triton.nearest_codes"
+    vectors, codebook = problem(50, 40, 16, torch.float32, 5)
+    (codes, distances), calls = kernel_calls(lambda: nearest_codes(vectors, codebook))
+    assert calls[launch] == 1, f"nearest_codes did not launch the Triton kernel: {calls}"
+    assert_exact_ties_aside(vectors, codebook, codes)
+    assert distances.dtype == torch.float32
+    for dtype in HALVES:
+        # Half tensors handed to the op as they are, as nearest_codes does on CUDA.
+        z, c = problem(50, 40, 16, dtype, 6)
+        (codes, distances), calls = kernel_calls(partial(torch.ops.vqfunc.nearest_codes, z, c))
+        assert calls[launch] == 1 and distances.dtype == torch.float32
+        assert_exact_ties_aside(z, c, codes)
+        # Through nearest_codes: uncast on CUDA, upcast to float32 on CPU.
+        (codes, distances), calls = kernel_calls(partial(nearest_codes, z, c))
+        assert calls[launch] == 1 and distances.dtype == torch.float32
+        assert_exact_ties_aside(z, c, codes)
+    # The vmap rule pools a stack of vectors into one launch.
+    stack, books = problem(3 * 20, 2 * 30, 8, torch.float32, 7)
+    stack = stack.view(3, 20, 8)
+    search = torch.func.vmap(nearest_codes, in_dims=(0, None))
+    pooled, calls = kernel_calls(lambda: search(stack, books[:30]))
+    assert calls[launch] == 1, calls
+    for i in range(3):
+        assert_exact_ties_aside(stack[i], books[:30], pooled[0][i])
 
 
 def check_failed_launch_warns_once_and_falls_back() -> None:

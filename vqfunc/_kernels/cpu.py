@@ -483,6 +483,7 @@ def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
     return panels, half_norms
 
 
+@torch.profiler.record_function("vqfunc.cpu_kernel.nearest_codes")
 def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Codes `[N]` int64 of the nearest rows of `codebook` `[K, d]` for `vectors` `[N, d]`,
     and the Euclidean distances `[N]` float32 to them.

@@ -70,6 +70,7 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+@torch.profiler.record_function("vqfunc.cpu_kernel.straight_through_forward")
 def forward(
     z: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,6 +114,7 @@ def _strides(name: str, g: Tensor | None, shape: tuple[int, ...]) -> tuple[Tenso
     return g, g.stride(0), g.stride(1)
 
 
+@torch.profiler.record_function("vqfunc.cpu_kernel.straight_through_backward")
 def backward(
     z: Tensor,
     codebook: Tensor,

@@ -114,6 +114,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+@torch.profiler.record_function("vqfunc.triton.nearest_codes")
 def search_codes(vectors: Tensor, codebook: Tensor) -> Tensor:
     """Codes `[N]` (int64) of the nearest code of every row, by the Triton kernel.
 
