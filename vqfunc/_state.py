@@ -121,7 +121,8 @@ def check_state(
 
 
 def _ema_setting(cfg: QuantizerConfig) -> str:
-    return f", ema_decay={cfg.ema_decay}" if isinstance(cfg, VQConfig) else ""
+    decay = getattr(cfg, "ema_decay", None)
+    return "" if decay is None else f", ema_decay={decay}"
 
 
 def update_state(

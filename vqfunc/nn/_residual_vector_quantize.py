@@ -1,8 +1,9 @@
 """`ResidualVectorQuantize`: the `nn.Module` shim over `vqfunc.residual.quantize`.
 
 The layer holds the params as `nn.Parameter`s named like the fields of `VQParams` and the
-training state as the persistent buffer `replace_counters` (`ResidualState.replace.counters`),
-so `torch.func.functional_call(layer, params._asdict(), (x,))` equals
+training state as persistent buffers named `<technique>_<field>` (`ema_counts`, `ema_sums`,
+`replace_counters`, after `ResidualState`), so
+`torch.func.functional_call(layer, params._asdict(), (x,))` equals
 `vqfunc.residual.quantize(params, x, layer.cfg)`.
 """
 
@@ -13,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from vqfunc._ema import init_ema_state
+from vqfunc._params import VQParams
+from vqfunc._state import state_buffers
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.residual._config import ResidualConfig
@@ -42,6 +46,11 @@ class ResidualVectorQuantize(QuantizerShim):
     k-means, level after level (`vqfunc.residual.warmup_params(method="kmeans")`), once; the buffer
     `kmeans_initialized` records it (and travels in `state_dict`).
 
+    With `ema_decay > 0`, every training forward pass then moves each level's codebook by the
+    exponential moving average of the residuals assigned to its codes (`vqfunc.ema_update`,
+    EnCodec's update); the statistics live in the buffers `ema_counts` and `ema_sums`, and the
+    codebook has `requires_grad=False` (the averages alone move it).
+
     With `replace_freq > 0`, every training forward pass then runs dead-code replacement
     (`vqfunc.residual.update_state`): a code no level used for `replace_freq` steps is replaced
     by a residual vector of the batch (with a shared codebook, one of any level; otherwise one
@@ -68,11 +77,13 @@ class ResidualVectorQuantize(QuantizerShim):
         process_group: the ranks that keep the replacement in agreement (default: world).
         **options: every other field of `vqfunc.residual.ResidualConfig` (`levels`, `dim`,
             `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
-            `replace_rho`, `kmeans_init`), with its default.
+            `replace_rho`, `ema_decay`, `ema_eps`, `kmeans_init`), with its default.
     """
 
     cfg: ResidualConfig
     replace_counters: Tensor
+    ema_counts: Tensor
+    ema_sums: Tensor
 
     @with_config_signature(ResidualConfig)
     def __init__(
@@ -100,8 +111,11 @@ class ResidualVectorQuantize(QuantizerShim):
         self.cfg = config_from_arguments(ResidualConfig, type(self).__name__, arguments | options)
         params = init_params(self.cfg, generator=generator, device=device, dtype=dtype)
         self.process_group = process_group
-        self._register_tensors(params, init_state(params, self.cfg))
-        self._register_load_state_dict_pre_hook(_fill_missing_counters, with_module=True)
+        # With EMA the averages own the codebook: no gradient, so no optimizer moves it as well.
+        self._register_tensors(
+            params, init_state(params, self.cfg), frozen_codebook=self.cfg.ema_decay > 0
+        )
+        self._register_load_state_dict_pre_hook(_fill_missing_state, with_module=True)
 
     @property
     def groups(self) -> int:
@@ -117,6 +131,17 @@ class ResidualVectorQuantize(QuantizerShim):
     def state(self) -> ResidualState:
         """The layer's training state as a `ResidualState` (its own buffer, not a copy)."""
         return self._state_view()
+
+    @torch.no_grad()
+    def load_params(self, params: VQParams) -> None:
+        """Copy `params` into the layer's parameters (shapes must match).
+
+        With EMA on, the EMA statistics restart from the new codebooks (one pseudo-observation
+        per code), so that the averages do not pull them back to the old codes.
+        """
+        self._copy_params(params)
+        if self.cfg.ema_decay > 0:
+            self._write(None, self.state._replace(ema=init_ema_state(self.params, self.cfg)))
 
     @torch.no_grad()
     def load_state(self, state: ResidualState) -> None:
@@ -136,7 +161,7 @@ class ResidualVectorQuantize(QuantizerShim):
         training = self.training and self._holds_own_tensors()
         if training and self.cfg.kmeans_init and not self._kmeans_initialized():
             self._kmeans_warmup(x, mask)
-        updates = training and self.cfg.replace_freq > 0
+        updates = training and (self.cfg.replace_freq > 0 or self.cfg.ema_decay > 0)
         z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, residual_misc_dict(out)
 
@@ -145,7 +170,7 @@ class ResidualVectorQuantize(QuantizerShim):
         text = describe(
             c,
             ("feature_size", "num_codes", "levels", "share", "dim"),
-            ("affine_lr", "sync_nu", "replace_freq"),
+            ("affine_lr", "sync_nu", "replace_freq", "ema_decay"),
         )
         if c.estimator != "ste":
             text += f", estimator={c.estimator!r}"
@@ -154,13 +179,21 @@ class ResidualVectorQuantize(QuantizerShim):
         return text
 
 
-def _fill_missing_counters(
+def _fill_missing_state(
     module: ResidualVectorQuantize, state_dict: dict[str, Any], prefix: str, *args: Any
 ) -> None:
-    # State dicts saved before the layer had replacement hold no counters: start them afresh.
-    key = prefix + "replace_counters"
-    if key not in state_dict and prefix + "codebook" in state_dict:
-        state_dict[key] = init_state(module.params, module.cfg).replace.counters
+    # State dicts saved before the layer had a technique hold none of its buffers: start them
+    # afresh (counters at `replace_freq`, EMA statistics from the loaded codebook).
+    if prefix + "codebook" not in state_dict:
+        return
+    missing = [name for name in module._state_names if prefix + name not in state_dict]
+    if not missing:
+        return
+    codebook = state_dict[prefix + "codebook"].to(module.codebook.device, module.codebook.dtype)
+    loaded = module.params._replace(codebook=codebook)
+    fresh = state_buffers(init_state(loaded, module.cfg))
+    for name in missing:
+        state_dict[prefix + name] = fresh[name]
 
 
 def residual_misc_dict(out: ResidualOutput) -> dict[str, Any]:
