@@ -139,7 +139,8 @@ def update_state(
     """One training step of the stateful techniques that `cfg` turns on.
 
     First the EMA update (`cfg.ema_decay > 0`) from the batch's assignments, then dead-code
-    replacement (`cfg.replace_freq > 0`). Pure, without host syncs: it works under
+    replacement (`cfg.replaces_codes`: `replace_freq > 0`, or
+    `replace_threshold > 0` with `replace_rule="usage"`). Pure, without host syncs: it works under
     `torch.compile` when the replacement randomness is pre-drawn (`randomness=`). With every
     technique off it returns its inputs.
 
@@ -174,7 +175,7 @@ def update_state(
                 histogram, counts, sums = sync.reduce_sum(histogram, *stats)
                 stats = EMAStatistics(counts, sums)
             params, ema = ema_update(params, ema, stats, cfg)
-        if cfg.replace_freq > 0:
+        if cfg.replaces_codes:
             candidates = sample_candidates(
                 out.z, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
             )

@@ -46,6 +46,7 @@ def test_flatten_names_fields_by_path_and_copies_plain_tensors() -> None:
         "levels.0.ema.counts",
         "levels.0.ema.sums",
         "levels.0.replace.counters",
+        "levels.0.replace.usage",
         *(f"vq.{name}" for name in vqfunc.VQParams._fields),
     ]
     assert torch.equal(flat["vq.codebook"], params.codebook)

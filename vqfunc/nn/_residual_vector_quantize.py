@@ -16,7 +16,6 @@ from torch import Tensor
 
 from vqfunc._ema import init_ema_state
 from vqfunc._params import VQParams
-from vqfunc._state import state_buffers
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.residual._config import ResidualConfig
@@ -51,6 +50,10 @@ class ResidualVectorQuantize(QuantizerShim):
     EnCodec's update); the statistics live in the buffers `ema_counts` and `ema_sums`, and the
     codebook has `requires_grad=False` (the averages alone move it).
 
+    With `replace_rule="usage"` and `replace_threshold > 0`, the dead codes are instead those
+    whose running average of use fell below the threshold (EnCodec's and Mimi's rule, see
+    `docs/restarts.md`), kept in the buffer `replace_usage`.
+
     With `replace_freq > 0`, every training forward pass then runs dead-code replacement
     (`vqfunc.residual.update_state`): a code no level used for `replace_freq` steps is replaced
     by a residual vector of the batch (with a shared codebook, one of any level; otherwise one
@@ -77,11 +80,13 @@ class ResidualVectorQuantize(QuantizerShim):
         process_group: the ranks that keep the replacement in agreement (default: world).
         **options: every other field of `vqfunc.residual.ResidualConfig` (`levels`, `dim`,
             `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
-            `replace_rho`, `ema_decay`, `ema_eps`, `kmeans_init`), with its default.
+            `replace_rho`, `replace_rule`, `replace_threshold`, `replace_usage`,
+            `replace_decay`, `ema_decay`, `ema_eps`, `kmeans_init`), with its default.
     """
 
     cfg: ResidualConfig
     replace_counters: Tensor
+    replace_usage: Tensor
     ema_counts: Tensor
     ema_sums: Tensor
 
@@ -115,7 +120,6 @@ class ResidualVectorQuantize(QuantizerShim):
         self._register_tensors(
             params, init_state(params, self.cfg), frozen_codebook=self.cfg.ema_decay > 0
         )
-        self._register_load_state_dict_pre_hook(_fill_missing_state, with_module=True)
 
     @property
     def groups(self) -> int:
@@ -131,6 +135,9 @@ class ResidualVectorQuantize(QuantizerShim):
     def state(self) -> ResidualState:
         """The layer's training state as a `ResidualState` (its own buffer, not a copy)."""
         return self._state_view()
+
+    def _initial_state(self, params: VQParams) -> ResidualState:
+        return init_state(params, self.cfg)
 
     @torch.no_grad()
     def load_params(self, params: VQParams) -> None:
@@ -161,7 +168,7 @@ class ResidualVectorQuantize(QuantizerShim):
         training = self.training and self._holds_own_tensors()
         if training and self.cfg.kmeans_init and not self._kmeans_initialized():
             self._kmeans_warmup(x, mask)
-        updates = training and (self.cfg.replace_freq > 0 or self.cfg.ema_decay > 0)
+        updates = training and (self.cfg.replaces_codes or self.cfg.ema_decay > 0)
         z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, residual_misc_dict(out)
 
@@ -170,30 +177,15 @@ class ResidualVectorQuantize(QuantizerShim):
         text = describe(
             c,
             ("feature_size", "num_codes", "levels", "share", "dim"),
-            ("affine_lr", "sync_nu", "replace_freq", "ema_decay"),
+            ("affine_lr", "sync_nu", "replace_freq", "replace_threshold", "ema_decay"),
         )
         if c.estimator != "ste":
             text += f", estimator={c.estimator!r}"
+        if c.replace_rule != "lru":
+            text += f", replace_rule={c.replace_rule!r}, replace_usage={c.replace_usage!r}"
         if c.kmeans_init:
             text += ", kmeans_init=True"
         return text
-
-
-def _fill_missing_state(
-    module: ResidualVectorQuantize, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    # State dicts saved before the layer had a technique hold none of its buffers: start them
-    # afresh (counters at `replace_freq`, EMA statistics from the loaded codebook).
-    if prefix + "codebook" not in state_dict:
-        return
-    missing = [name for name in module._state_names if prefix + name not in state_dict]
-    if not missing:
-        return
-    codebook = state_dict[prefix + "codebook"].to(module.codebook.device, module.codebook.dtype)
-    loaded = module.params._replace(codebook=codebook)
-    fresh = state_buffers(init_state(loaded, module.cfg))
-    for name in missing:
-        state_dict[prefix + name] = fresh[name]
 
 
 def residual_misc_dict(out: ResidualOutput) -> dict[str, Any]:

@@ -99,7 +99,8 @@ def update_state(
     sync: StateSync | None = None,
 ) -> tuple[VQParams, ResidualState]:
     """One step of the stateful techniques `cfg` turns on, after `quantize`: the EMA update
-    (`cfg.ema_decay > 0`), then dead-code replacement (`cfg.replace_freq > 0`).
+    (`cfg.ema_decay > 0`), then dead-code replacement (`cfg.replaces_codes`: `replace_freq > 0`, or
+    `replace_threshold > 0` with `replace_rule="usage"`).
 
     Pure, without host syncs. With every technique off it returns its inputs.
 
@@ -125,7 +126,7 @@ def update_state(
     where = "vqfunc.residual.update_state"
     check_config(cfg, ResidualConfig, where=where)
     check_residual_state(state, params, cfg, where=where)
-    if cfg.replace_freq <= 0 and cfg.ema_decay <= 0:
+    if not cfg.replaces_codes and cfg.ema_decay <= 0:
         return params, state
     # Rows with a non-finite entry count as masked.
     mask = row_weights(out.valid, mask, out.z.dtype)
@@ -141,7 +142,7 @@ def update_state(
                 histogram, counts, sums = sync.reduce_sum(histogram, *stats)
                 stats = EMAStatistics(counts, sums)
             params, ema = ema_update(params, ema, stats, cfg)
-        if cfg.replace_freq > 0:
+        if cfg.replaces_codes:
             candidates = sample_candidates(
                 searched, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
             )
