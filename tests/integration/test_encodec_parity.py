@@ -133,3 +133,55 @@ def test_one_training_step_gives_its_ema_statistics(levels: int) -> None:
     ):
         torch.testing.assert_close(mine, their, rtol=1e-5, atol=1e-5, msg=name)
         torch.testing.assert_close(mine.double(), exact, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_its_dead_codes_and_their_batch_vectors_match_the_count_rule(levels: int) -> None:
+    threshold = 2.0
+    ref = _reference(levels, threshold=threshold).eval()
+    g = torch.Generator().manual_seed(2)
+    sizes = torch.rand(levels, K, generator=g) * 4  # EMA cluster sizes of an earlier run
+    for book, size in zip(_books(ref, levels), sizes, strict=True):
+        book.cluster_size.copy_(size)
+    cfg, params = _vqfunc_copy(
+        ref, levels, replace_rule="usage", replace_usage="count", replace_threshold=threshold,
+        replace_rho=0.0,
+    )  # fmt: skip
+    state = vqfunc.residual.init_state(params, cfg)
+    state = state._replace(replace=state.replace._replace(usage=sizes.clone()))
+    x = torch.randn(2, DIM, 40, generator=g)
+    _, out = vqfunc.residual.quantize(params, x, cfg)
+    new_params, _ = vqfunc.residual.update_state(params, state, out, cfg, generator=g)
+
+    dead = sizes.double() < threshold  # the rule, in float64
+    assert dead.any() and (~dead).any()
+    ours = (new_params.codebook != params.codebook).any(-1)
+    assert torch.equal(ours, dead)
+    for level, book in enumerate(_books(ref, levels)):
+        # Its expiry on the same level's residuals (the vectors that level searched).
+        samples = out.residuals[:, :, level].reshape(-1, DIM)
+        before = book.embed.clone()
+        torch.manual_seed(level)
+        book.expire_codes_(samples)
+        theirs = (book.embed != before).any(-1)
+        assert torch.equal(theirs, dead[level])
+        for new in (new_params.codebook[level][dead[level]], book.embed[dead[level]]):
+            gap = (new[:, None] - samples[None]).norm(dim=-1).min(-1).values
+            assert (gap < 1e-6).all()  # every replaced code is a vector of the batch
+
+
+def test_its_training_step_recomputes_the_replaced_codes_from_the_averages() -> None:
+    # encodec 0.1.1 replaces dead codes in `embed` only, then sets `embed` from its averages in
+    # the same forward pass: the replacement leaves no trace. vqfunc restarts the averages of a
+    # replaced code as well (see docs/restarts.md).
+    ref = _reference(1, threshold=1e9).train()  # every code is dead
+    book = _books(ref, 1)[0]
+    g = torch.Generator().manual_seed(3)
+    book.cluster_size.copy_(torch.rand(K, generator=g))
+    x = torch.randn(2, DIM, 10, generator=g)
+    ref(x)
+    size = book.cluster_size
+    smoothed = (size + 1e-5) / (size.sum() + K * 1e-5) * size.sum()
+    torch.testing.assert_close(book.embed, book.embed_avg / smoothed[:, None])
+    samples = x.permute(0, 2, 1).reshape(-1, DIM)
+    assert ((book.embed[:, None] - samples[None]).norm(dim=-1).min(-1).values > 1e-3).all()
