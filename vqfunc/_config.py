@@ -279,7 +279,8 @@ class VQConfig(QuantizerConfig):
 
     Takes the fields of `QuantizerConfig` (`feature_size`, `num_codes`, `dim`, `share`,
     `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
-    `replace_rho`, `kmeans_init`) and these:
+    `replace_rho`, `replace_rule`, `replace_threshold`, `replace_usage`, `replace_decay`,
+    `kmeans_init`) and these:
 
     Args:
         dist: `"euclidean"` or `"cosine"` (vectors and codes are l2-normalised before search).

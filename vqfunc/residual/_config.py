@@ -13,7 +13,8 @@ class ResidualConfig(QuantizerConfig):
 
     Takes the fields of `vqfunc.QuantizerConfig` (`feature_size`, `num_codes`, `dim`, `share`,
     `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
-    `replace_rho`, `kmeans_init`) with these meanings for residual VQ: every code has
+    `replace_rho`, `replace_rule`, `replace_threshold`, `replace_usage`, `replace_decay`,
+    `kmeans_init`) with these meanings for residual VQ: every code has
     `feature_size` entries (levels do not split the vector); with `share=False`, `num_codes`
     counts the codes of all levels together, each level's codebook holding
     `num_codes // levels`; the loss, the estimator and the synchronized update act on the sum
