@@ -111,13 +111,19 @@ def check_state(
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
                 f"{where}: state.{technique}.{name} is {got}, but cfg ({cfg.describe()}, "
-                f"replace_freq={cfg.replace_freq}{_ema_setting(cfg)}) expects shape {shape}"
+                f"{_replace_setting(cfg)}{_ema_setting(cfg)}) expects shape {shape}"
             )
         if value.device != params.codebook.device:
             raise ValueError(
                 f"{where}: state.{technique}.{name} is on {value.device} but params.codebook "
                 f"is on {params.codebook.device}"
             )
+
+
+def _replace_setting(cfg: QuantizerConfig) -> str:
+    if cfg.replace_rule == "usage":
+        return f"replace_rule='usage', replace_threshold={cfg.replace_threshold}"
+    return f"replace_freq={cfg.replace_freq}"
 
 
 def _ema_setting(cfg: QuantizerConfig) -> str:

@@ -3,9 +3,12 @@ step-by-step reference written from the formulas."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import optree
 import pytest
 import torch
+from support.dynamo import assert_one_graph
 
 import vqfunc
 from vqfunc._affine import effective_codebook
@@ -218,3 +221,34 @@ def test_bad_rule_settings_name_the_field(
 ) -> None:
     with pytest.raises(ValueError, match=rf"{config.__name__}: {expected}"):
         config(feature_size=2, num_codes=4, **options)
+
+
+@pytest.mark.slow
+def test_residual_step_with_ema_and_usage_compiles_once_for_every_step(
+    dynamo_counters: Any,
+) -> None:
+    cfg = RC(
+        feature_size=3, num_codes=12, levels=2, share=False, dim=-1, ema_decay=0.9,
+        replace_rule="usage", replace_threshold=0.5, replace_decay=0.5,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(10)
+    params = vqfunc.residual.init_params(cfg, generator=g)
+    state = vqfunc.residual.init_state(params, cfg)
+    eager_params, eager_state = params, state
+
+    def step(params, state, x, randomness):  # type: ignore[no-untyped-def]
+        _, out = vqfunc.residual.quantize(params, x, cfg)
+        return vqfunc.residual.update_state(params, state, out, cfg, randomness=randomness)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    for _ in range(4):  # error_on_recompile: the same graph serves every step
+        x = torch.randn(10, 3, generator=g)
+        randomness = vqfunc.draw_replace_randomness(10, cfg, generator=g)
+        params, state = compiled(params, state, x, randomness)
+        eager_params, eager_state = step(eager_params, eager_state, x, randomness)
+        for a, b in zip(
+            optree.tree_leaves((params, state)), optree.tree_leaves((eager_params, eager_state)),
+            strict=True,
+        ):  # fmt: skip
+            torch.testing.assert_close(a, b)
+    assert_one_graph(dynamo_counters)
