@@ -4,8 +4,8 @@ The state nests one record per stateful technique, each with its `(init, update)
 the optax style: `VQState(ema=EMAState, replace=ReplaceState)` (`vqfunc.init_ema_state` /
 `vqfunc.ema_update`, `vqfunc.init_replace_state` / `vqfunc.replace_dead_codes`). Techniques
 that are off hold empty tensors, so the record always has the same fields. A layer keeps each
-tensor in a buffer named `<technique>_<field>` (`ema_counts`, `ema_sums`, `replace_counters`);
-`state_buffers` and `state_from_buffers` translate.
+tensor in a buffer named `<technique>_<field>` (`ema_counts`, `ema_sums`, `replace_counters`,
+`replace_usage`); `state_buffers` and `state_from_buffers` translate.
 
 A functional training step threads it explicitly:
 
@@ -53,8 +53,9 @@ class VQState(NamedTuple):
     Attributes:
         ema: the EMA statistics (`EMAState`: counts `[num_books, K]`, sums
             `[num_books, K, d]`); empty along `K` when `cfg.ema_decay == 0`.
-        replace: the dead-code counters (`ReplaceState`: counters `[num_books, K]` int64);
-            `[num_books, 0]` when `cfg.replace_freq == 0`.
+        replace: the dead-code replacement state (`ReplaceState`: LRU counters
+            `[num_books, K]` int64 and usage averages `[num_books, K]` float, each
+            `[num_books, 0]` unless its rule is on).
     """
 
     ema: EMAState

@@ -2,8 +2,9 @@
 
 A shim holds the params as `nn.Parameter`s named like the fields of `VQParams` and its
 training state as persistent buffers named `<technique>_<field>` after the nested state record
-(`ema_counts`, `ema_sums`, `replace_counters`); it mutates them only in training mode and only
-while they are its own tensors (not those `torch.func.functional_call` swapped in).
+(`ema_counts`, `ema_sums`, `replace_counters`, `replace_usage`); it mutates them only in
+training mode and only while they are its own tensors (not those `torch.func.functional_call`
+swapped in).
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ class ResidualState(NamedTuple):
     Attributes:
         ema: the EMA statistics (`EMAState`: counts `[num_books, K]`, sums
             `[num_books, K, F]`); empty along `K` when `cfg.ema_decay == 0`.
-        replace: the dead-code counters (`ReplaceState`: counters `[num_books, K]` int64,
-            steps left before each code is replaced); `[num_books, 0]` when
-            `cfg.replace_freq == 0`.
+        replace: the dead-code replacement state (`ReplaceState`: LRU counters
+            `[num_books, K]` int64, steps left before each code is replaced, and usage
+            averages `[num_books, K]` float; each `[num_books, 0]` unless its rule is on).
     """
 
     ema: EMAState
