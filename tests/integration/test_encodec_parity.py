@@ -104,14 +104,16 @@ def _float64_ema_step(
 
 
 @pytest.mark.parametrize("levels", [1, 4])
-def test_one_training_step_gives_its_ema_statistics(levels: int) -> None:
+@pytest.mark.parametrize("start", ["earlier run", "its own start"])
+def test_one_training_step_gives_its_ema_statistics(levels: int, start: str) -> None:
     decay, eps = 0.9, 1e-5
     ref = _reference(levels, decay=decay).train()
     g = torch.Generator().manual_seed(1)
-    # Running statistics of an earlier run (EnCodec's start at zero is a special case).
-    for book in _books(ref, levels):
-        book.cluster_size.copy_(torch.rand(K, generator=g) * 5)
-        book.embed_avg.copy_(torch.randn(K, DIM, generator=g) * 3)
+    if start == "earlier run":  # running statistics of an earlier run
+        for book in _books(ref, levels):
+            book.cluster_size.copy_(torch.rand(K, generator=g) * 5)
+            book.embed_avg.copy_(torch.randn(K, DIM, generator=g) * 3)
+    # Otherwise its own start: sizes 0 and sums equal to the codes.
     cfg, params = _vqfunc_copy(ref, levels, ema_decay=decay, ema_eps=eps)
     counts = torch.stack([book.cluster_size.clone() for book in _books(ref, levels)])
     sums = torch.stack([book.embed_avg.clone() for book in _books(ref, levels)])
