@@ -19,9 +19,13 @@ from typing import Literal, NamedTuple, TypeVar
 
 Dist = Literal["euclidean", "cosine"]
 Estimator = Literal["ste", "rotation"]
+ReplaceRule = Literal["lru", "usage"]
+ReplaceUsage = Literal["count", "ratio"]
 
 _DISTS = ("euclidean", "cosine")
 _ESTIMATORS = ("ste", "rotation")
+_REPLACE_RULES = ("lru", "usage")
+_REPLACE_USAGES = ("count", "ratio")
 
 _C = TypeVar("_C", bound="QuantizerConfig")
 
@@ -96,8 +100,19 @@ class QuantizerConfig:
         sync_nu: weight `nu` of the synchronized update; 0 turns it off.
         estimator: gradient estimator, `"ste"` (straight-through) or `"rotation"`
             (the rotation trick of Fifty et al., 2024).
-        replace_freq: dead-code replacement period `T` in training steps; 0 turns it off.
+        replace_freq: with `replace_rule="lru"`, the dead-code replacement period `T` in
+            training steps; 0 turns it off.
         replace_rho: relative noise `rho` added to the vectors that replace dead codes.
+        replace_rule: which codes are dead: `"lru"` (vqtorch's counter: unused for
+            `replace_freq` steps) or `"usage"` (an exponential moving average of each code's
+            use falls below `replace_threshold`; EnCodec's and Mimi's rule).
+        replace_threshold: with `replace_rule="usage"`, the threshold; 0 turns replacement off.
+            With `replace_usage="count"` it is a number of uses per batch (EnCodec's
+            `threshold_ema_dead_code`); with `"ratio"` a fraction in (0, 1] of the mean usage
+            of the codebook (Mimi's `threshold_usage_ratio`), which does not depend on the
+            batch size.
+        replace_usage: `"ratio"` (default) or `"count"`, the scale of `replace_threshold`.
+        replace_decay: decay of the usage average of `replace_rule="usage"`, in [0, 1).
         kmeans_init: whether a layer warms its codebook with k-means on its first training
             batch (the functional core ignores it).
     """
@@ -113,6 +128,10 @@ class QuantizerConfig:
     estimator: Estimator = "ste"
     replace_freq: int = 0
     replace_rho: float = 1e-2
+    replace_rule: ReplaceRule = "lru"
+    replace_threshold: float = 0.0
+    replace_usage: ReplaceUsage = "ratio"
+    replace_decay: float = 0.99
     kmeans_init: bool = False
 
     # The name of the parts of a vector that search a codebook, in messages ("groups", ...).
@@ -144,6 +163,48 @@ class QuantizerConfig:
                 f"{self._owner}: replace_freq must be an int >= 0 (0 turns replacement off), "
                 f"got {self.replace_freq!r}"
             )
+        self._check_replace_rule()
+
+    def _check_replace_rule(self) -> None:
+        """The fields of the replacement rule agree with `replace_rule`."""
+        owner = self._owner
+        if self.replace_rule not in _REPLACE_RULES:
+            raise ValueError(
+                f"{owner}: replace_rule must be one of {_REPLACE_RULES}, got {self.replace_rule!r}"
+            )
+        if self.replace_usage not in _REPLACE_USAGES:
+            raise ValueError(
+                f"{owner}: replace_usage must be one of {_REPLACE_USAGES}, "
+                f"got {self.replace_usage!r}"
+            )
+        self._non_negative("replace_threshold")
+        self._in_range("replace_decay", 0.0, 1.0, high_open=True)
+        if self.replace_rule == "lru" and self.replace_threshold > 0:
+            raise ValueError(
+                f"{owner}: replace_threshold={self.replace_threshold!r} belongs to "
+                "replace_rule='usage', but replace_rule is 'lru' (which counts steps with "
+                "replace_freq); set replace_rule='usage' or leave replace_threshold at 0"
+            )
+        if self.replace_rule == "usage" and self.replace_freq > 0:
+            raise ValueError(
+                f"{owner}: replace_freq={self.replace_freq!r} is the period of "
+                "replace_rule='lru'; with replace_rule='usage' leave replace_freq at 0 and set "
+                "replace_threshold"
+            )
+        if self.replace_usage == "ratio" and self.replace_threshold > 1:
+            raise ValueError(
+                f"{owner}: with replace_usage='ratio', replace_threshold is a fraction of the "
+                f"mean usage in (0, 1], got {self.replace_threshold!r} (for a number of uses "
+                "per batch, set replace_usage='count')"
+            )
+
+    @property
+    def replaces_codes(self) -> bool:
+        """Whether dead-code replacement is on (`replace_freq > 0` for the LRU rule,
+        `replace_threshold > 0` for the usage rule)."""
+        if self.replace_rule == "usage":
+            return self.replace_threshold > 0
+        return self.replace_freq > 0
 
     def _check_layout(self) -> None:
         """The codes split evenly over the codebooks, and the affine blocks over the codes."""
@@ -218,7 +279,8 @@ class VQConfig(QuantizerConfig):
 
     Takes the fields of `QuantizerConfig` (`feature_size`, `num_codes`, `dim`, `share`,
     `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
-    `replace_rho`, `kmeans_init`) and these:
+    `replace_rho`, `replace_rule`, `replace_threshold`, `replace_usage`, `replace_decay`,
+    `kmeans_init`) and these:
 
     Args:
         dist: `"euclidean"` or `"cosine"` (vectors and codes are l2-normalised before search).

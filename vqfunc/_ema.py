@@ -21,6 +21,13 @@ update to `params.codebook` either (the commitment loss still trains the encoder
 
 Masked rows count neither in `n_k` nor in `s_k`. Under data parallelism, all-reduce (sum) the
 `EMAStatistics` of every replica before `ema_update`.
+
+The same functions serve plain, grouped and residual VQ (`vqfunc.VQConfig` and
+`vqfunc.residual.ResidualConfig` both declare `ema_decay` and `ema_eps`): a residual level's
+codebook averages the residuals that level searched. This is EnCodec's update term for term
+(its `cluster_size`, `embed_avg` and `laplace_smoothing`); only the start differs, EnCodec's
+sizes starting at 0 (or at the k-means cluster sizes) where these start at one
+pseudo-observation per code.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from torch import Tensor
 
 from vqfunc._affine import effective_codebook, invert_affine
 from vqfunc._books import as_books, book_vectors, from_books
-from vqfunc._config import VQConfig
+from vqfunc._config import QuantizerConfig
 from vqfunc._params import VQParams
 from vqfunc._search import search_dtype
 
@@ -58,7 +65,12 @@ class EMAStatistics(NamedTuple):
     sums: Tensor
 
 
-def init_ema_state(params: VQParams, cfg: VQConfig) -> EMAState:
+def ema_settings(cfg: QuantizerConfig) -> tuple[float, float]:
+    """`(ema_decay, ema_eps)` of `cfg`; a configuration without EMA fields has decay 0 (off)."""
+    return float(getattr(cfg, "ema_decay", 0.0)), float(getattr(cfg, "ema_eps", 0.0))
+
+
+def init_ema_state(params: VQParams, cfg: QuantizerConfig) -> EMAState:
     """Statistics of one pseudo-observation per code: `N_k = 1`, `m_k = C_k` (effective).
 
     Use it again after overwriting the codebook (e.g. after a warm-up), so that the averages
@@ -67,7 +79,7 @@ def init_ema_state(params: VQParams, cfg: VQConfig) -> EMAState:
     books, k, d = cfg.layout.num_books, cfg.layout.codes_per_book, cfg.layout.code_dim
     dtype = search_dtype(params.codebook.dtype)
     device = params.codebook.device
-    if cfg.ema_decay <= 0:
+    if ema_settings(cfg)[0] <= 0:
         return EMAState(
             torch.zeros(books, 0, device=device, dtype=dtype),
             torch.zeros(books, 0, d, device=device, dtype=dtype),
@@ -77,7 +89,7 @@ def init_ema_state(params: VQParams, cfg: VQConfig) -> EMAState:
 
 
 def ema_statistics(
-    z: Tensor, codes: Tensor, cfg: VQConfig, *, mask: Tensor | None = None
+    z: Tensor, codes: Tensor, cfg: QuantizerConfig, *, mask: Tensor | None = None
 ) -> EMAStatistics:
     """Batch counts and sums per code.
 
@@ -110,7 +122,7 @@ def smoothed_counts(counts: Tensor, eps: float) -> Tensor:
 
 
 def ema_update(
-    params: VQParams, state: EMAState, stats: EMAStatistics, cfg: VQConfig
+    params: VQParams, state: EMAState, stats: EMAStatistics, cfg: QuantizerConfig
 ) -> tuple[VQParams, EMAState]:
     """One EMA step: new running statistics and the codebook `C_k = m_k / N'_k`.
 
@@ -123,9 +135,10 @@ def ema_update(
     Returns:
         New params and statistics; every code is recomputed from its averages.
     """
-    if cfg.ema_decay <= 0:
+    decay, eps = ema_settings(cfg)
+    if decay <= 0:
         raise ValueError(
-            f"ema_update: cfg.ema_decay is {cfg.ema_decay}; expected a decay in (0, 1) (EMA is off)"
+            f"ema_update: cfg.ema_decay is {decay}; expected a decay in (0, 1) (EMA is off)"
         )
     expected = (cfg.layout.num_books, cfg.layout.codes_per_book)
     if tuple(state.counts.shape) != expected or tuple(stats.counts.shape) != expected:
@@ -133,18 +146,19 @@ def ema_update(
             f"ema_update: state.counts has shape {tuple(state.counts.shape)} and stats.counts "
             f"{tuple(stats.counts.shape)}, expected {expected} (from init_ema_state(params, cfg))"
         )
-    decay = cfg.ema_decay
     counts = decay * state.counts + (1.0 - decay) * stats.counts.to(state.counts.dtype)
     sums = decay * state.sums + (1.0 - decay) * stats.sums.to(state.sums.dtype)
     # Clamped so that an all-zero histogram (impossible from init_ema_state) cannot divide by 0.
-    smoothed = smoothed_counts(counts, cfg.ema_eps).clamp(min=torch.finfo(counts.dtype).tiny)
+    smoothed = smoothed_counts(counts, eps).clamp(min=torch.finfo(counts.dtype).tiny)
     effective = sums / smoothed.unsqueeze(-1)
     raw = invert_affine(from_books(effective, cfg), params, cfg)
     codebook = raw.to(params.codebook.dtype)
     return params._replace(codebook=codebook), EMAState(counts, sums)
 
 
-def reset_codes(state: EMAState, params: VQParams, replaced: Tensor, cfg: VQConfig) -> EMAState:
+def reset_codes(
+    state: EMAState, params: VQParams, replaced: Tensor, cfg: QuantizerConfig
+) -> EMAState:
     """Restart the statistics of the `replaced` codes (`[num_books, K]` bool) from `params`.
 
     A replaced code gets one pseudo-observation of its new effective value (`N_k = 1`,
@@ -152,6 +166,6 @@ def reset_codes(state: EMAState, params: VQParams, replaced: Tensor, cfg: VQConf
     """
     effective = as_books(effective_codebook(params, cfg).detach(), cfg).to(state.sums.dtype)
     counts = torch.where(replaced, torch.ones_like(state.counts), state.counts)
-    smoothed = smoothed_counts(counts, cfg.ema_eps).unsqueeze(-1)
+    smoothed = smoothed_counts(counts, ema_settings(cfg)[1]).unsqueeze(-1)
     sums = torch.where(replaced.unsqueeze(-1), effective * smoothed, state.sums)
     return EMAState(counts, sums)

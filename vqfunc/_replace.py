@@ -1,4 +1,5 @@
-"""Dead-code replacement: vqtorch's least-recently-used restart (Huh et al., 2023).
+"""Dead-code replacement: vqtorch's least-recently-used restart (Huh et al., 2023), and the
+usage rule of EnCodec and Mimi (`replace_rule="usage"`, see `vqfunc._replace_usage`).
 
 Every code has a counter that starts at `T = cfg.replace_freq`. Each training step subtracts 1
 from every counter and resets the counters of the codes used in the batch to `T`. A code whose
@@ -13,6 +14,10 @@ the counters and swaps dead codes for their candidates with `torch.where` over a
 host sync, no data-dependent shapes). Under data parallelism, all-reduce the histogram and
 give every replica the same candidates.
 
+With `replace_rule="usage"` the counters give way to a running average of each code's use, and
+a code is dead when that average falls below `cfg.replace_threshold`; the candidates, their
+randomness and the swap are the same.
+
 Candidates live in the space the search sees (the effective codebook after the affine map,
 normalised vectors for cosine); a replaced raw code is `invert_affine` of its candidate, so its
 effective code equals the candidate.
@@ -25,10 +30,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from vqfunc._affine import effective_codebook, invert_affine
-from vqfunc._books import as_books, book_vectors, from_books, rows_per_book
+from vqfunc._books import book_vectors, rows_per_book
 from vqfunc._config import QuantizerConfig
 from vqfunc._params import VQParams
+from vqfunc._replace_usage import initial_usage, usage_update
+from vqfunc._search import search_dtype
+from vqfunc._swap import swap_codes
 
 
 class ReplaceState(NamedTuple):
@@ -36,10 +43,14 @@ class ReplaceState(NamedTuple):
 
     Attributes:
         counters: `[num_books, K]` int64 steps left before each code is replaced;
-            `[num_books, 0]` when `cfg.replace_freq == 0`.
+            `[num_books, 0]` unless the LRU rule is on (`cfg.replace_freq > 0`).
+        usage: `[num_books, K]` float running average of each code's use per batch;
+            `[num_books, 0]` unless the usage rule is on (`replace_rule="usage"`,
+            `cfg.replace_threshold > 0`).
     """
 
     counters: Tensor
+    usage: Tensor
 
 
 class ReplaceRandomness(NamedTuple):
@@ -68,14 +79,17 @@ class Candidates(NamedTuple):
 
 
 def init_replace_state(params: VQParams, cfg: QuantizerConfig) -> ReplaceState:
-    """Counters at `cfg.replace_freq` on the params' device (an empty `[num_books, 0]` tensor
-    when replacement is off)."""
+    """Counters at `cfg.replace_freq` (LRU rule) or usage averages at their start (usage
+    rule), on the params' device; the tensor of the rule that is off is `[num_books, 0]`."""
     layout = cfg.layout
-    k = layout.codes_per_book if cfg.replace_freq > 0 else 0
-    counters = torch.full(
-        (layout.num_books, k), cfg.replace_freq, dtype=torch.long, device=params.codebook.device
-    )
-    return ReplaceState(counters)
+    device = params.codebook.device
+    lru = cfg.replace_rule == "lru" and cfg.replace_freq > 0
+    k = layout.codes_per_book if lru else 0
+    counters = torch.full((layout.num_books, k), cfg.replace_freq, dtype=torch.long, device=device)
+    k = layout.codes_per_book if cfg.replace_rule == "usage" and cfg.replaces_codes else 0
+    dtype = search_dtype(params.codebook.dtype)
+    usage = torch.full((layout.num_books, k), initial_usage(cfg), dtype=dtype, device=device)
+    return ReplaceState(counters, usage)
 
 
 def draw_replace_randomness(
@@ -183,7 +197,9 @@ def replace_dead_codes(
     candidates: Candidates,
     cfg: QuantizerConfig,
 ) -> tuple[VQParams, ReplaceState]:
-    """One step of the counters, replacing the codes whose counter reaches 0.
+    """One replacement step: with the LRU rule the counters count down and the codes whose
+    counter reaches 0 are replaced; with the usage rule the codes whose average use is below
+    the threshold are (see `vqfunc._replace_usage`).
 
     Args:
         params: current params.
@@ -191,10 +207,10 @@ def replace_dead_codes(
         histogram: `[num_books, K]` code counts of the batch (`QuantizeOutput.histogram`,
             masked rows excluded); a code with a count > 0 was used.
         candidates: from `sample_candidates`.
-        cfg: the static configuration (`replace_freq > 0`).
+        cfg: the static configuration (replacement on: `cfg.replaces_codes`).
 
     Returns:
-        New params (dead codes replaced; affine parameters unchanged) and counters.
+        New params (dead codes replaced; affine parameters unchanged) and state.
     """
     new_params, new_state, _ = replace_step(params, state, histogram, candidates, cfg)
     return new_params, new_state
@@ -207,8 +223,27 @@ def replace_step(
     candidates: Candidates,
     cfg: QuantizerConfig,
 ) -> tuple[VQParams, ReplaceState, Tensor]:
-    """`replace_dead_codes`, also returning which codes were replaced (`[num_books, K]`)."""
-    return replace_expired(params, count_down(state, histogram, cfg), candidates, cfg)
+    """`replace_dead_codes`, also returning which codes were replaced (`[num_books, K]`).
+
+    Dispatches on `cfg.replace_rule`: the LRU counters (`count_down`, `replace_expired`) or the
+    usage averages (`vqfunc._replace_usage.usage_update`).
+    """
+    if cfg.replace_rule != "usage":
+        return replace_expired(params, count_down(state, histogram, cfg), candidates, cfg)
+    if not cfg.replaces_codes:
+        raise ValueError(
+            "replace_dead_codes: cfg.replace_threshold is 0 with replace_rule='usage'; expected "
+            "a threshold > 0 (replacement is off)"
+        )
+    expected = (cfg.layout.num_books, cfg.layout.codes_per_book)
+    if tuple(state.usage.shape) != expected:
+        raise ValueError(
+            f"replace_dead_codes: state.usage has shape {tuple(state.usage.shape)}, expected "
+            f"{expected} (from init_replace_state(params, cfg))"
+        )
+    replaced, usage = usage_update(state.usage, histogram, candidates.valid, cfg)
+    new_params = swap_codes(params, replaced, candidates.vectors, cfg)
+    return new_params, state._replace(usage=usage), replaced
 
 
 def count_down(state: ReplaceState, histogram: Tensor, cfg: QuantizerConfig) -> ReplaceState:
@@ -233,7 +268,7 @@ def count_down(state: ReplaceState, histogram: Tensor, cfg: QuantizerConfig) -> 
             f"{expected} (from init_replace_state(params, cfg))"
         )
     used = histogram > 0
-    return ReplaceState(torch.where(used, cfg.replace_freq, counters - 1).clamp(min=0))
+    return state._replace(counters=torch.where(used, cfg.replace_freq, counters - 1).clamp(min=0))
 
 
 def replace_expired(
@@ -248,17 +283,6 @@ def replace_expired(
     period = cfg.replace_freq
     counters = state.counters
     replaced = (counters == 0) & candidates.valid
-    effective = as_books(effective_codebook(params, cfg), cfg)
-    new_effective = torch.where(
-        replaced.unsqueeze(-1), candidates.vectors.to(effective.dtype), effective
-    )
-    raw = as_books(invert_affine(from_books(new_effective, cfg), params, cfg), cfg)
-    old = as_books(params.codebook, cfg)
-    # Untouched codes keep their exact raw values (the affine round trip may round).
-    codebook = torch.where(replaced.unsqueeze(-1), raw.to(old.dtype), old)
     counters = torch.where(replaced, period, counters)
-    return (
-        params._replace(codebook=from_books(codebook, cfg)),
-        ReplaceState(counters),
-        replaced,
-    )
+    new_params = swap_codes(params, replaced, candidates.vectors, cfg)
+    return new_params, state._replace(counters=counters), replaced

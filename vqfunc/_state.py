@@ -4,8 +4,8 @@ The state nests one record per stateful technique, each with its `(init, update)
 the optax style: `VQState(ema=EMAState, replace=ReplaceState)` (`vqfunc.init_ema_state` /
 `vqfunc.ema_update`, `vqfunc.init_replace_state` / `vqfunc.replace_dead_codes`). Techniques
 that are off hold empty tensors, so the record always has the same fields. A layer keeps each
-tensor in a buffer named `<technique>_<field>` (`ema_counts`, `ema_sums`, `replace_counters`);
-`state_buffers` and `state_from_buffers` translate.
+tensor in a buffer named `<technique>_<field>` (`ema_counts`, `ema_sums`, `replace_counters`,
+`replace_usage`); `state_buffers` and `state_from_buffers` translate.
 
 A functional training step threads it explicitly:
 
@@ -53,8 +53,9 @@ class VQState(NamedTuple):
     Attributes:
         ema: the EMA statistics (`EMAState`: counts `[num_books, K]`, sums
             `[num_books, K, d]`); empty along `K` when `cfg.ema_decay == 0`.
-        replace: the dead-code counters (`ReplaceState`: counters `[num_books, K]` int64);
-            `[num_books, 0]` when `cfg.replace_freq == 0`.
+        replace: the dead-code replacement state (`ReplaceState`: LRU counters
+            `[num_books, K]` int64 and usage averages `[num_books, K]` float, each
+            `[num_books, 0]` unless its rule is on).
     """
 
     ema: EMAState
@@ -111,7 +112,7 @@ def check_state(
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
                 f"{where}: state.{technique}.{name} is {got}, but cfg ({cfg.describe()}, "
-                f"replace_freq={cfg.replace_freq}{_ema_setting(cfg)}) expects shape {shape}"
+                f"{_replace_setting(cfg)}{_ema_setting(cfg)}) expects shape {shape}"
             )
         if value.device != params.codebook.device:
             raise ValueError(
@@ -120,8 +121,15 @@ def check_state(
             )
 
 
+def _replace_setting(cfg: QuantizerConfig) -> str:
+    if cfg.replace_rule == "usage":
+        return f"replace_rule='usage', replace_threshold={cfg.replace_threshold}"
+    return f"replace_freq={cfg.replace_freq}"
+
+
 def _ema_setting(cfg: QuantizerConfig) -> str:
-    return f", ema_decay={cfg.ema_decay}" if isinstance(cfg, VQConfig) else ""
+    decay = getattr(cfg, "ema_decay", None)
+    return "" if decay is None else f", ema_decay={decay}"
 
 
 def update_state(
@@ -138,7 +146,8 @@ def update_state(
     """One training step of the stateful techniques that `cfg` turns on.
 
     First the EMA update (`cfg.ema_decay > 0`) from the batch's assignments, then dead-code
-    replacement (`cfg.replace_freq > 0`). Pure, without host syncs: it works under
+    replacement (`cfg.replaces_codes`: `replace_freq > 0`, or
+    `replace_threshold > 0` with `replace_rule="usage"`). Pure, without host syncs: it works under
     `torch.compile` when the replacement randomness is pre-drawn (`randomness=`). With every
     technique off it returns its inputs.
 
@@ -173,7 +182,7 @@ def update_state(
                 histogram, counts, sums = sync.reduce_sum(histogram, *stats)
                 stats = EMAStatistics(counts, sums)
             params, ema = ema_update(params, ema, stats, cfg)
-        if cfg.replace_freq > 0:
+        if cfg.replaces_codes:
             candidates = sample_candidates(
                 out.z, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
             )

@@ -178,7 +178,8 @@ def from_layer_state_dict(
 
     Returns:
         Fresh `VQParams` and state (a `VQState` for a `VQConfig`, a `ResidualState` for a
-        `ResidualConfig`; copies: later training of the layer does not change them).
+        `ResidualConfig`; copies: later training of the layer does not change them). State
+        buffers the dict lacks (saved before the layer had them) take their initial values.
     """
     key = prefix + "codebook"
     if key not in state_dict:
@@ -192,9 +193,15 @@ def from_layer_state_dict(
             for name, like in params_like._asdict().items()
         )
     )
+    # A state buffer missing from the dict (saved before its technique had one) starts afresh,
+    # as the layer's own `load_state_dict` does.
     state = state_from_buffers(
         _initial_state(params, cfg),
-        lambda name, like: _checked(state_dict, prefix + name, like, "from_layer_state_dict"),
+        lambda name, like: (
+            _checked(state_dict, prefix + name, like, "from_layer_state_dict")
+            if prefix + name in state_dict
+            else like
+        ),
     )
     return params, state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optree
 import pytest
@@ -46,6 +47,7 @@ def test_flatten_names_fields_by_path_and_copies_plain_tensors() -> None:
         "levels.0.ema.counts",
         "levels.0.ema.sums",
         "levels.0.replace.counters",
+        "levels.0.replace.usage",
         *(f"vq.{name}" for name in vqfunc.VQParams._fields),
     ]
     assert torch.equal(flat["vq.codebook"], params.codebook)
@@ -142,3 +144,25 @@ def test_prefixed_keys_read_one_layer_of_a_model() -> None:
         checkpoint.from_layer_state_dict(
             model.state_dict(), CFG.replace(groups=1, share=True), prefix="1."
         )
+
+
+@pytest.mark.parametrize(
+    ("layer", "dropped"),
+    [(lambda: vqfunc.VectorQuantize(4, 8, dim=-1, replace_freq=3), ("replace_usage",)),
+     (lambda: vqfunc.ResidualVectorQuantize(4, 8, levels=2, dim=-1, ema_decay=0.9),
+      ("replace_usage", "ema_counts", "ema_sums"))],
+)  # fmt: skip
+def test_layer_state_dicts_from_before_a_buffer_existed_read_like_the_layer_loads_them(
+    layer: Any, dropped: tuple[str, ...]
+) -> None:
+    trained = layer()
+    trained(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+    old = {k: v for k, v in trained.state_dict().items() if k not in dropped}
+    params, state = checkpoint.from_layer_state_dict(old, trained.cfg)
+    fresh = layer()
+    fresh.load_state_dict(old)
+    assert torch.equal(params.codebook, fresh.codebook)
+    for name, value in fresh.state_dict().items():
+        if name in dropped:
+            record, field = name.split("_", 1)
+            assert torch.equal(getattr(getattr(state, record), field), value), name

@@ -185,7 +185,9 @@ def test_bad_state_is_refused_with_the_expected_shape() -> None:
     cfg, params, x = _setup(replace_freq=2)
     _, out = vqfunc.quantize(params, x, cfg)
     state = vqfunc.init_state(params, cfg)
-    bad = state._replace(replace=vqfunc.ReplaceState(torch.zeros(1, 5, dtype=torch.long)))
+    bad = state._replace(
+        replace=state.replace._replace(counters=torch.zeros(1, 5, dtype=torch.long))
+    )
     with pytest.raises(ValueError, match=r"replace\.counters.*expects shape \(1, 4\)"):
         vqfunc.update_state(params, bad, out, cfg)
 
@@ -231,7 +233,7 @@ def test_update_invariants(
     mask = torch.rand(rows, generator=g) > 0.3
     state = vqfunc.init_state(params, cfg)
     counters = torch.randint(0, period + 1, state.replace.counters.shape, generator=g)
-    state = state._replace(replace=vqfunc.ReplaceState(counters))
+    state = state._replace(replace=state.replace._replace(counters=counters))
     originals = (*params, *optree.tree_leaves(state))
     snapshot = [t.clone() for t in originals]
     for _ in range(2):

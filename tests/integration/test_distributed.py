@@ -108,6 +108,25 @@ def test_checkpoint_resumed_in_fresh_processes_continues_identically(
         assert_trees_equal(resumed[rank], uninterrupted[rank], f"rank {rank}")
 
 
+@pytest.mark.slow
+def test_usage_restarts_agree_across_ranks_with_different_data(tmp_path: Path) -> None:
+    launch("usage", tmp_path)
+    synced, control, initial = (
+        results(tmp_path, name) for name in ("usage", "usage_control", "usage_initial")
+    )
+    assert_trees_equal(synced[0], synced[1], "usage state_dict")
+    for name in ("vq", "rvq"):
+        # The rule ran (its averages moved) and the codebooks were trained.
+        usage = synced[0][f"{name}.replace_usage"]
+        assert usage.numel() > 0 and not torch.equal(usage, torch.ones_like(usage))
+        assert not torch.equal(synced[0][f"{name}.codebook"], initial[0][f"{name}.codebook"])
+        # Without the collectives the ranks' usage and codebooks part ways.
+        assert not torch.equal(
+            control[0][f"{name}.replace_usage"], control[1][f"{name}.replace_usage"]
+        )
+        assert not torch.equal(control[0][f"{name}.codebook"], control[1][f"{name}.codebook"])
+
+
 @pytest.fixture(scope="module")
 def one_rank_empty(launched: Path) -> list[dict[str, Any]]:
     return results(launched, "empty")

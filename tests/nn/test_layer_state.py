@@ -112,7 +112,7 @@ def test_updates_follow_the_tensors_after_a_dtype_move() -> None:
 def test_load_state_copies_a_record() -> None:
     layer = vqfunc.VectorQuantize(6, 8, replace_freq=5)
     state = layer.state._replace(
-        replace=vqfunc.ReplaceState(torch.full((1, 8), 2, dtype=torch.long))
+        replace=layer.state.replace._replace(counters=torch.full((1, 8), 2, dtype=torch.long))
     )
     layer.load_state(state)
     assert layer.replace_counters.tolist() == [[2] * 8]

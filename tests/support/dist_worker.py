@@ -14,6 +14,9 @@ Scenarios:
         as a control that the ranks do diverge without them.
     resume: a fresh process loads that checkpoint and trains the second half.
     compiled: a compiled functional step with `sync=` (run by hand; compiling is slow).
+    usage: `VectorQuantize` (grouped, EMA, usage rule by ratio) and `ResidualVectorQuantize`
+        (EMA, usage rule by count) trained on each rank's own data, with and without the
+        library's collectives.
     empty: one rank's batch is empty on the first step (the k-means warm-up step) and fully
         masked on another; also the functional API (`warmup_params(sync=)`,
         `update_state(sync=)`) with one empty rank, against single-process references.
@@ -287,12 +290,65 @@ def scenario_compiled(rank: int, out: Path) -> None:
     torch.save({"params": params, "state": state}, out / f"compiled_rank{rank}.pt")
 
 
+def _usage_layers() -> list[nn.Module]:
+    common = {"dim": -1, "replace_rule": "usage", "replace_decay": 0.5, "ema_decay": 0.9}
+    g = torch.Generator().manual_seed(0)  # the same initial codebooks on every rank
+    return [
+        vqfunc.VectorQuantize(
+            FEATURES, 16, groups=2, share=False, replace_threshold=0.5, generator=g, **common
+        ),
+        vqfunc.ResidualVectorQuantize(
+            FEATURES,
+            8,
+            levels=2,
+            replace_usage="count",
+            replace_threshold=1.0,
+            generator=g,
+            **common,
+        ),
+    ]
+
+
+def _train_usage_layers(rank: int) -> dict[str, Tensor]:
+    layers = _usage_layers()
+    torch.manual_seed(100 + rank)  # ranks draw different local candidates
+    data = torch.Generator().manual_seed(10 + rank)
+    for step in range(6):
+        rows = 12 + 5 * rank  # unequal batches, rank 1's shifted: different data
+        x = torch.randn(rows, FEATURES, generator=data) * 0.3 + rank
+        mask = torch.rand(rows, generator=data) > 0.2 if step % 2 else None
+        for layer in layers:
+            layer(x, mask=mask)
+    return {
+        f"{name}.{key}": value.detach().clone()
+        for name, layer in zip(("vq", "rvq"), layers, strict=True)
+        for key, value in layer.state_dict().items()
+    }
+
+
+def scenario_usage(rank: int, out: Path) -> None:
+    torch.save(_train_usage_layers(rank), out / f"usage_rank{rank}.pt")
+    real_active_group = vqdist.active_group
+    vqdist.active_group = lambda group=None: None  # type: ignore[assignment]
+    try:
+        control = _train_usage_layers(rank)
+    finally:
+        vqdist.active_group = real_active_group
+    torch.save(control, out / f"usage_control_rank{rank}.pt")
+    fresh = {
+        f"{n}.codebook": layer.codebook.detach()
+        for n, layer in zip(("vq", "rvq"), _usage_layers(), strict=True)
+    }
+    torch.save(fresh, out / f"usage_initial_rank{rank}.pt")
+
+
 # One launch runs several scenarios: each process start (importing torch) costs seconds.
 SCENARIOS = {
     "main": (scenario_train, scenario_empty),
     "resume": (scenario_resume,),
     "empty": (scenario_empty,),
     "compiled": (scenario_compiled,),
+    "usage": (scenario_usage,),
 }
 
 

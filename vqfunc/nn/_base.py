@@ -2,8 +2,9 @@
 
 A shim holds the params as `nn.Parameter`s named like the fields of `VQParams` and its
 training state as persistent buffers named `<technique>_<field>` after the nested state record
-(`ema_counts`, `ema_sums`, `replace_counters`); it mutates them only in training mode and only
-while they are its own tensors (not those `torch.func.functional_call` swapped in).
+(`ema_counts`, `ema_sums`, `replace_counters`, `replace_usage`); it mutates them only in
+training mode and only while they are its own tensors (not those `torch.func.functional_call`
+swapped in).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ class QuantizerShim(nn.Module):
         self._kmeans_done: bool | None = None  # Python mirror of the buffer: no device reads
         self._remember_own_tensors()
         self.register_load_state_dict_post_hook(_after_load)
+        self._register_load_state_dict_pre_hook(_fill_missing_state, with_module=True)
+
+    def _initial_state(self, params: VQParams) -> Any:
+        """The layer's initial state for `params` (its `init_state`)."""
+        raise NotImplementedError
 
     def _state_view(self) -> Any:
         """The buffers as the nested state record (the layer's own tensors, not copies)."""
@@ -235,6 +241,24 @@ def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
     assert isinstance(module, QuantizerShim)
     module._kmeans_done = None
     module._remember_own_tensors()
+
+
+def _fill_missing_state(
+    module: QuantizerShim, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    # State dicts saved before the layer had a technique's buffers (the EMA statistics of
+    # residual VQ, the usage averages) hold none of them: start them afresh, from the loaded
+    # codebook (counters at `replace_freq`, EMA statistics of one pseudo-observation per code).
+    if prefix + "codebook" not in state_dict:
+        return
+    missing = [name for name in module._state_names if prefix + name not in state_dict]
+    if not missing:
+        return
+    own = module.codebook
+    codebook = state_dict[prefix + "codebook"].to(own.device, own.dtype)
+    fresh = state_buffers(module._initial_state(module.params._replace(codebook=codebook)))
+    for name in missing:
+        state_dict[prefix + name] = fresh[name]
 
 
 def describe(cfg: Any, leading: tuple[str, ...], optional: tuple[str, ...]) -> str:

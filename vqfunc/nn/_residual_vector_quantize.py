@@ -1,8 +1,9 @@
 """`ResidualVectorQuantize`: the `nn.Module` shim over `vqfunc.residual.quantize`.
 
 The layer holds the params as `nn.Parameter`s named like the fields of `VQParams` and the
-training state as the persistent buffer `replace_counters` (`ResidualState.replace.counters`),
-so `torch.func.functional_call(layer, params._asdict(), (x,))` equals
+training state as persistent buffers named `<technique>_<field>` (`ema_counts`, `ema_sums`,
+`replace_counters`, after `ResidualState`), so
+`torch.func.functional_call(layer, params._asdict(), (x,))` equals
 `vqfunc.residual.quantize(params, x, layer.cfg)`.
 """
 
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from vqfunc._ema import init_ema_state
+from vqfunc._params import VQParams
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.residual._config import ResidualConfig
@@ -42,6 +45,15 @@ class ResidualVectorQuantize(QuantizerShim):
     k-means, level after level (`vqfunc.residual.warmup_params(method="kmeans")`), once; the buffer
     `kmeans_initialized` records it (and travels in `state_dict`).
 
+    With `ema_decay > 0`, every training forward pass then moves each level's codebook by the
+    exponential moving average of the residuals assigned to its codes (`vqfunc.ema_update`,
+    EnCodec's update); the statistics live in the buffers `ema_counts` and `ema_sums`, and the
+    codebook has `requires_grad=False` (the averages alone move it).
+
+    With `replace_rule="usage"` and `replace_threshold > 0`, the dead codes are instead those
+    whose running average of use fell below the threshold (EnCodec's and Mimi's rule, see
+    `docs/restarts.md`), kept in the buffer `replace_usage`.
+
     With `replace_freq > 0`, every training forward pass then runs dead-code replacement
     (`vqfunc.residual.update_state`): a code no level used for `replace_freq` steps is replaced
     by a residual vector of the batch (with a shared codebook, one of any level; otherwise one
@@ -68,11 +80,15 @@ class ResidualVectorQuantize(QuantizerShim):
         process_group: the ranks that keep the replacement in agreement (default: world).
         **options: every other field of `vqfunc.residual.ResidualConfig` (`levels`, `dim`,
             `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
-            `replace_rho`, `kmeans_init`), with its default.
+            `replace_rho`, `replace_rule`, `replace_threshold`, `replace_usage`,
+            `replace_decay`, `ema_decay`, `ema_eps`, `kmeans_init`), with its default.
     """
 
     cfg: ResidualConfig
     replace_counters: Tensor
+    replace_usage: Tensor
+    ema_counts: Tensor
+    ema_sums: Tensor
 
     @with_config_signature(ResidualConfig)
     def __init__(
@@ -100,8 +116,10 @@ class ResidualVectorQuantize(QuantizerShim):
         self.cfg = config_from_arguments(ResidualConfig, type(self).__name__, arguments | options)
         params = init_params(self.cfg, generator=generator, device=device, dtype=dtype)
         self.process_group = process_group
-        self._register_tensors(params, init_state(params, self.cfg))
-        self._register_load_state_dict_pre_hook(_fill_missing_counters, with_module=True)
+        # With EMA the averages own the codebook: no gradient, so no optimizer moves it as well.
+        self._register_tensors(
+            params, init_state(params, self.cfg), frozen_codebook=self.cfg.ema_decay > 0
+        )
 
     @property
     def groups(self) -> int:
@@ -117,6 +135,20 @@ class ResidualVectorQuantize(QuantizerShim):
     def state(self) -> ResidualState:
         """The layer's training state as a `ResidualState` (its own buffer, not a copy)."""
         return self._state_view()
+
+    def _initial_state(self, params: VQParams) -> ResidualState:
+        return init_state(params, self.cfg)
+
+    @torch.no_grad()
+    def load_params(self, params: VQParams) -> None:
+        """Copy `params` into the layer's parameters (shapes must match).
+
+        With EMA on, the EMA statistics restart from the new codebooks (one pseudo-observation
+        per code), so that the averages do not pull them back to the old codes.
+        """
+        self._copy_params(params)
+        if self.cfg.ema_decay > 0:
+            self._write(None, self.state._replace(ema=init_ema_state(self.params, self.cfg)))
 
     @torch.no_grad()
     def load_state(self, state: ResidualState) -> None:
@@ -136,7 +168,7 @@ class ResidualVectorQuantize(QuantizerShim):
         training = self.training and self._holds_own_tensors()
         if training and self.cfg.kmeans_init and not self._kmeans_initialized():
             self._kmeans_warmup(x, mask)
-        updates = training and self.cfg.replace_freq > 0
+        updates = training and (self.cfg.replaces_codes or self.cfg.ema_decay > 0)
         z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, residual_misc_dict(out)
 
@@ -145,22 +177,15 @@ class ResidualVectorQuantize(QuantizerShim):
         text = describe(
             c,
             ("feature_size", "num_codes", "levels", "share", "dim"),
-            ("affine_lr", "sync_nu", "replace_freq"),
+            ("affine_lr", "sync_nu", "replace_freq", "replace_threshold", "ema_decay"),
         )
         if c.estimator != "ste":
             text += f", estimator={c.estimator!r}"
+        if c.replace_rule != "lru":
+            text += f", replace_rule={c.replace_rule!r}, replace_usage={c.replace_usage!r}"
         if c.kmeans_init:
             text += ", kmeans_init=True"
         return text
-
-
-def _fill_missing_counters(
-    module: ResidualVectorQuantize, state_dict: dict[str, Any], prefix: str, *args: Any
-) -> None:
-    # State dicts saved before the layer had replacement hold no counters: start them afresh.
-    key = prefix + "replace_counters"
-    if key not in state_dict and prefix + "codebook" in state_dict:
-        state_dict[key] = init_state(module.params, module.cfg).replace.counters
 
 
 def residual_misc_dict(out: ResidualOutput) -> dict[str, Any]:

@@ -55,7 +55,8 @@ class VectorQuantize(QuantizerShim):
             (default: the world group, when initialised).
         **options: every other field of `vqfunc.VQConfig` (`dim`, `dist`, `vector_normalize`,
             `groups`, `share`, `beta`, `affine_lr`, `affine_groups`, `sync_nu`,
-            `estimator`, `replace_freq`, `replace_rho`, `ema_decay`, `ema_eps`,
+            `estimator`, `replace_freq`, `replace_rho`, `replace_rule`,
+            `replace_threshold`, `replace_usage`, `replace_decay`, `ema_decay`, `ema_eps`,
             `kmeans_init`), with its default.
 
     Under `torch.distributed` (e.g. with DistributedDataParallel), every data-dependent update
@@ -77,6 +78,9 @@ class VectorQuantize(QuantizerShim):
     - `ema_decay > 0`: after quantizing, the EMA update (`vqfunc.ema_update`). The codebook is then
       moved by the averages only, so it has `requires_grad=False` and no optimizer moves it.
     - `replace_freq > 0`: after quantizing, dead-code replacement (`vqfunc.replace_dead_codes`).
+    - `replace_rule="usage"`, `replace_threshold > 0`: the same, with EnCodec's or Mimi's
+      rule: codes whose running average of use (the buffer `replace_usage`) is below the
+      threshold are replaced (see `docs/restarts.md`).
 
     The returned `z_q` and `misc` are those of the codebook before the EMA update and the
     replacement, which take effect from the next batch. Randomness (k-means seeding,
@@ -89,6 +93,7 @@ class VectorQuantize(QuantizerShim):
 
     cfg: VQConfig
     replace_counters: Tensor
+    replace_usage: Tensor
     ema_counts: Tensor
     ema_sums: Tensor
 
@@ -133,6 +138,9 @@ class VectorQuantize(QuantizerShim):
         if inplace_optimizer is not None:
             self.inplace_codebook_optimizer = inplace_optimizer([self.codebook])
 
+    def _initial_state(self, params: VQParams) -> VQState:
+        return init_state(params, self.cfg)
+
     @property
     def groups(self) -> int:
         """`cfg.groups`: sub-vectors per input vector."""
@@ -174,7 +182,7 @@ class VectorQuantize(QuantizerShim):
             self._kmeans_warmup(x, mask)
         if training and self.inplace_codebook_optimizer is not None:
             self._inplace_step(x, mask)
-        updates = training and (self.cfg.ema_decay > 0 or self.cfg.replace_freq > 0)
+        updates = training and (self.cfg.ema_decay > 0 or self.cfg.replaces_codes)
         z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
         return z_q, misc_dict(out)
 
@@ -202,8 +210,13 @@ class VectorQuantize(QuantizerShim):
         leading: tuple[str, ...] = ("feature_size", "num_codes", "dist", "dim")
         if c.groups > 1:
             leading += ("groups", "share")
-        optional = ("affine_lr", "sync_nu", "replace_freq", "ema_decay", "kmeans_init")
-        return describe(c, leading, optional)
+        optional = (
+            "affine_lr", "sync_nu", "replace_freq", "replace_threshold", "ema_decay", "kmeans_init"
+        )  # fmt: skip
+        text = describe(c, leading, optional)
+        if c.replace_rule != "lru":
+            text += f", replace_rule={c.replace_rule!r}, replace_usage={c.replace_usage!r}"
+        return text
 
 
 def misc_dict(out: QuantizeOutput) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""Dead-code replacement for residual quantization: `ResidualState` and its pure step.
+"""The training state of residual quantization, `ResidualState`, and its pure step.
+
+Two techniques, in this order, as in `vqfunc.update_state`:
+
+- EMA codebook updates (`cfg.ema_decay > 0`, `vqfunc.ema_update`): each level's codebook is
+  the Laplace-smoothed running mean of the residuals assigned to its codes (EnCodec's update);
+- dead-code replacement (`vqfunc.replace_dead_codes`).
 
 Each code has a counter, as in `vqfunc.replace_dead_codes`. The residual quantizer's codebooks
 are laid out like a grouped quantizer's with one group per level (the same `CodebookLayout`),
@@ -8,6 +14,9 @@ residual each level searched (`r_{i-1}`) as that level's group of vectors:
 - shared codebook: a code counts as used when any level picked it, and candidates are drawn
   from the residuals of all levels pooled together;
 - separate codebooks: level `i`'s codes are counted, and replaced by its own residuals.
+
+The EMA statistics take the same groups of vectors: pooled over the levels for a shared
+codebook, level by level otherwise.
 
 A functional training step:
 
@@ -23,6 +32,14 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from vqfunc._ema import (
+    EMAState,
+    EMAStatistics,
+    ema_statistics,
+    ema_update,
+    init_ema_state,
+    reset_codes,
+)
 from vqfunc._params import VQParams
 from vqfunc._quantize import row_weights
 from vqfunc._replace import (
@@ -45,18 +62,22 @@ class ResidualState(NamedTuple):
     """Training state of a residual quantizer (a pytree of tensors).
 
     Attributes:
-        replace: the dead-code counters (`ReplaceState`: counters `[num_books, K]` int64,
-            steps left before each code is replaced); `[num_books, 0]` when
-            `cfg.replace_freq == 0`.
+        ema: the EMA statistics (`EMAState`: counts `[num_books, K]`, sums
+            `[num_books, K, F]`); empty along `K` when `cfg.ema_decay == 0`.
+        replace: the dead-code replacement state (`ReplaceState`: LRU counters
+            `[num_books, K]` int64, steps left before each code is replaced, and usage
+            averages `[num_books, K]` float; each `[num_books, 0]` unless its rule is on).
     """
 
+    ema: EMAState
     replace: ReplaceState
 
 
 def init_state(params: VQParams, cfg: ResidualConfig) -> ResidualState:
-    """Counters at `cfg.replace_freq`, on the params' device (empty when replacement is off)."""
+    """The initial state on the params' device: EMA statistics of one pseudo-observation per
+    code and counters at `cfg.replace_freq` (each empty when its technique is off)."""
     check_config(cfg, ResidualConfig, where="vqfunc.residual.init_state")
-    return ResidualState(replace=init_replace_state(params, cfg))
+    return ResidualState(ema=init_ema_state(params, cfg), replace=init_replace_state(params, cfg))
 
 
 def check_residual_state(
@@ -77,45 +98,59 @@ def update_state(
     randomness: ReplaceRandomness | None = None,
     sync: StateSync | None = None,
 ) -> tuple[VQParams, ResidualState]:
-    """One step of dead-code replacement (`cfg.replace_freq > 0`) after `quantize`.
+    """One step of the stateful techniques `cfg` turns on, after `quantize`: the EMA update
+    (`cfg.ema_decay > 0`), then dead-code replacement (`cfg.replaces_codes`: `replace_freq > 0`, or
+    `replace_threshold > 0` with `replace_rule="usage"`).
 
-    Pure, without host syncs. With replacement off it returns its inputs.
+    Pure, without host syncs. With every technique off it returns its inputs.
 
     Args:
         params: the params `out` was computed with.
         state: current state, from `vqfunc.residual.init_state` or a previous step.
         out: `vqfunc.residual.quantize`'s output for the batch.
         cfg: the static configuration.
-        mask: the `[*B]` mask given to `quantize`, if any; masked rows neither count as uses
-            nor become candidates.
+        mask: the `[*B]` mask given to `quantize`, if any; masked rows neither count in the
+            statistics nor become candidates.
         generator: source of randomness for the candidates.
         randomness: pre-drawn randomness instead of `generator`, from
             `vqfunc.draw_replace_randomness(num_rows, cfg)` (`num_rows` the number of input
             vectors).
-        sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: the histogram is
-            summed over the ranks and the candidates shared, so every rank takes the same step.
+        sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: the histogram and
+            the EMA statistics are summed over the ranks and the candidates shared, so every
+            rank takes the same step.
 
     Returns:
-        New params (dead codes replaced; affine parameters unchanged) and state. Gradients do
-        not flow through the update.
+        New params (EMA codebooks, dead codes replaced; affine parameters unchanged) and
+        state. Gradients do not flow through the update.
     """
     where = "vqfunc.residual.update_state"
     check_config(cfg, ResidualConfig, where=where)
     check_residual_state(state, params, cfg, where=where)
-    if cfg.replace_freq <= 0:
+    if not cfg.replaces_codes and cfg.ema_decay <= 0:
         return params, state
     # Rows with a non-finite entry count as masked.
     mask = row_weights(out.valid, mask, out.z.dtype)
     with torch.no_grad():
         params = VQParams(*(p.detach() for p in params))
+        ema, replace = state
         # The residual each level searched, as that level's group: `[*B, L * F]`.
         searched = out.residuals[..., : cfg.levels, :].flatten(-2)
-        candidates = sample_candidates(
-            searched, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
-        )
         histogram = out.histogram
-        if sync is not None:
-            (histogram,) = sync.reduce_sum(histogram)
-            candidates = sync.share_candidates(candidates)
-        params, replace, _ = replace_step(params, state.replace, histogram, candidates, cfg)
-    return params, ResidualState(replace=replace)
+        if cfg.ema_decay > 0:
+            stats = ema_statistics(searched, out.codes, cfg, mask=mask)
+            if sync is not None:
+                histogram, counts, sums = sync.reduce_sum(histogram, *stats)
+                stats = EMAStatistics(counts, sums)
+            params, ema = ema_update(params, ema, stats, cfg)
+        if cfg.replaces_codes:
+            candidates = sample_candidates(
+                searched, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
+            )
+            if sync is not None:
+                if cfg.ema_decay <= 0:
+                    (histogram,) = sync.reduce_sum(histogram)
+                candidates = sync.share_candidates(candidates)
+            params, replace, replaced = replace_step(params, replace, histogram, candidates, cfg)
+            if cfg.ema_decay > 0:
+                ema = reset_codes(ema, params, replaced, cfg)
+    return params, ResidualState(ema=ema, replace=replace)

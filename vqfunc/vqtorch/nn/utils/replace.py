@@ -88,7 +88,8 @@ class ReplaceLRU:
         # The codebook as one flat book of all rows, indexed by vqtorch's global codes.
         cfg = VQConfig(feature_size=d, num_codes=rows, dim=-1, replace_freq=self.timeout)
         used = code_histogram(misc["q"].detach().to(weight.device), rows).view(1, rows)
-        state = count_down(ReplaceState(counts[:rows].long().view(1, rows)), used, cfg)
+        lru = ReplaceState(counts[:rows].long().view(1, rows), weight.new_zeros(1, 0))
+        state = count_down(lru, used, cfg)
         dead = state.counters[0] == 0
         num_dead = int(dead.sum())
         new_counts = state.counters[0].to(counts.dtype)
