@@ -96,8 +96,8 @@ class QuantizerShim(nn.Module):
         return self.cfg.feature_size
 
     @property
-    def num_codes(self) -> int:
-        """`cfg.num_codes`: codes of all codebooks together."""
+    def num_codes(self) -> int | tuple[int, ...]:
+        """`cfg.num_codes`: codes of all codebooks together (or one size per level)."""
         return self.cfg.num_codes
 
     @property

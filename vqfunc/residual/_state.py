@@ -35,6 +35,7 @@ from vqfunc._replace import (
 from vqfunc._state import check_state
 from vqfunc._validate import check_config
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._levels import padding_slots
 from vqfunc.residual._quantize import ResidualOutput
 
 if TYPE_CHECKING:
@@ -108,14 +109,49 @@ def update_state(
     mask = row_weights(out.valid, mask, out.z.dtype)
     with torch.no_grad():
         params = VQParams(*(p.detach() for p in params))
-        # The residual each level searched, as that level's group: `[*B, L * F]`.
-        searched = out.residuals[..., : cfg.levels, :].flatten(-2)
+        searched, codes = all_levels(out, cfg)
         candidates = sample_candidates(
-            searched, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
+            searched.flatten(-2), codes, cfg, mask=mask, generator=generator, randomness=randomness
         )
-        histogram = out.histogram
+        histogram, reached = out.histogram, levels_reached(out, cfg)
         if sync is not None:
-            (histogram,) = sync.reduce_sum(histogram)
+            histogram, reached = sync.reduce_sum(histogram, reached)
             candidates = sync.share_candidates(candidates)
-        params, replace, _ = replace_step(params, state.replace, histogram, candidates, cfg)
-    return params, ResidualState(replace=replace)
+        # The padding of per-level sizes counts as used: never replaced.
+        histogram = histogram.masked_fill(padding_slots(cfg, histogram.device), 1.0)
+        new_params, replace, _ = replace_step(params, state.replace, histogram, candidates, cfg)
+        if not cfg.share:
+            # A level that no row reached (fewer levels, or dropped) takes no step.
+            # An empty batch (on every rank) counts down every level, as without levels.
+            ran = ((reached[:-1] > 0) | (reached[-1] == 0)).view(-1, 1)
+            ran = ran & (torch.arange(cfg.levels, device=ran.device) < out.codes.shape[-1]).view(
+                -1, 1
+            )
+            replace = ReplaceState(torch.where(ran, replace.counters, state.replace.counters))
+            codebook = torch.where(ran.unsqueeze(-1), new_params.codebook, params.codebook)
+            new_params = new_params._replace(codebook=codebook)
+    return new_params, ResidualState(replace=replace)
+
+
+def all_levels(out: ResidualOutput, cfg: ResidualConfig) -> tuple[Tensor, Tensor]:
+    """The residual each level searched `[*B, L, F]` and the codes `[*B, L]`, with the levels
+    that did not run (`n_levels < L`) filled with the last residual and code 0."""
+    n = out.codes.shape[-1]
+    searched = out.residuals[..., :n, :]
+    codes = out.codes
+    if n < cfg.levels:
+        missing = cfg.levels - n
+        last = out.residuals[..., n : n + 1, :]
+        searched = torch.cat([searched, last.expand(*last.shape[:-2], missing, -1)], -2)
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], missing)], -1)
+    return searched, codes
+
+
+def levels_reached(out: ResidualOutput, cfg: ResidualConfig) -> Tensor:
+    """`[L + 1]` float32: how many rows reached each level (`depth > level`), then the number
+    of rows."""
+    depth = out.depth.reshape(-1, 1)
+    levels = torch.arange(cfg.levels, device=depth.device)
+    reached = (depth > levels).sum(0)
+    total = reached.new_full((1,), depth.shape[0])
+    return torch.cat([reached, total]).to(torch.float32)

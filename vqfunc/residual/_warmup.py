@@ -79,14 +79,18 @@ def fit_levels(
     generator: torch.Generator | None,
     kmeans_iters: int,
 ) -> Tensor:
-    """Effective codes of shape `cfg.codebook_shape` fitted to finite rows `[M, F]`."""
+    """Effective codes of shape `cfg.codebook_shape` fitted to finite rows `[M, F]`.
+
+    With per-level sizes, level `i` fits `cfg.level_sizes[i]` codes and the padding rows of its
+    storage are zeros (they are never searched).
+    """
     residual, pooled, fitted = rows, [], []
     k = cfg.codes_per_book
-    for _ in range(cfg.levels):
-        level_codes = fit_codes(residual, k, cfg, method, generator, kmeans_iters)
+    for size in cfg.level_sizes:
+        level_codes = fit_codes(residual, size, cfg, method, generator, kmeans_iters)
         codes, _ = nearest_codes(residual, level_codes)
         pooled.append(residual)
-        fitted.append(level_codes)
+        fitted.append(torch.cat([level_codes, level_codes.new_zeros(k - size, rows.shape[-1])]))
         residual = residual - level_codes[codes]
     if cfg.share:
         return fit_codes(torch.cat(pooled), k, cfg, method, generator, kmeans_iters)
