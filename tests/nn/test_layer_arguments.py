@@ -21,7 +21,14 @@ LAYERS = [
     (vqfunc.ResidualVectorQuantize, ResidualConfig),
 ]
 # The layers' own arguments: what builds the tensors, not what configures the quantizer.
-LAYER_ONLY = {"generator", "device", "dtype", "process_group", "inplace_optimizer"}
+LAYER_ONLY = {
+    "generator",
+    "device",
+    "dtype",
+    "process_group",
+    "inplace_optimizer",
+    "dropout_seed",
+}
 # vqtorch's name of a field, taken positionally by the residual layer: alias -> field.
 ALIASES = {"groups": "levels"}
 

@@ -175,15 +175,16 @@ class QuantizerShim(nn.Module):
         mask: Tensor | None,
         *,
         updates: bool,
+        **options: Any,
     ) -> tuple[Tensor, Any]:
-        """`quantize_fn(params, x, cfg, mask=)`, then, if `updates`, the state update
+        """`quantize_fn(params, x, cfg, mask=, **options)`, then, if `updates`, the state update
         `update_fn(params, state, out, cfg, mask=, sync=)` written into the layer."""
         params = self.params
         if updates:
             # The update below writes the codebook in place; the graph of this forward pass
             # must keep the values it was computed with.
             params = params._replace(codebook=params.codebook.clone())
-        z_q, out = quantize_fn(params, x, self.cfg, mask=mask)
+        z_q, out = quantize_fn(params, x, self.cfg, mask=mask, **options)
         if updates:
             sync = sync_for(self.process_group)
             new_params, new_state = update_fn(
