@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from vqfunc._validate import check_input
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
-from vqfunc._validate import check_input
 from vqfunc.residual._config import ResidualConfig
 from vqfunc.residual._dropout import draw_dropout
 from vqfunc.residual._quantize import ResidualOutput, init_params, quantize
