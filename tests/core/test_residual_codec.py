@@ -258,3 +258,21 @@ def test_bad_arguments_name_the_argument_and_the_value() -> None:
         ResidualConfig(feature_size=3, num_codes=4, dropout_per="frame")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_samples must be an int >= 0"):
         vqfunc.residual.draw_dropout(cfg, -1)
+
+
+def test_fewer_levels_and_depth_compose_with_vmap_over_param_stacks() -> None:
+    cfg, _ = _setup("per_level")
+    stack = [vqfunc.residual.init_params(cfg, generator=_gen(s)) for s in range(3)]
+    params = vqfunc.VQParams(*(torch.stack(t) for t in zip(*stack, strict=True)))
+    x = torch.randn(10, 3, generator=_gen(12))
+    depth = torch.tensor([1, 2, 3, 3, 1, 2, 3, 3, 1, 2])
+
+    def encode(p: vqfunc.VQParams) -> tuple[torch.Tensor, torch.Tensor]:
+        z_q, out = vqfunc.residual.quantize(p, x, cfg, n_levels=3, depth=depth)
+        return z_q, out.codes
+
+    z_q, codes = torch.func.vmap(encode)(params)
+    for i, p in enumerate(stack):
+        ref_z, ref_codes = encode(p)
+        assert torch.equal(codes[i], ref_codes)
+        torch.testing.assert_close(z_q[i], ref_z)

@@ -2,8 +2,9 @@
 
 Run as `python tests/support/codec_dist_worker.py RANK WORLD INIT_METHOD OUT_DIR`. Each rank
 trains an encoder and two `ResidualVectorQuantize` layers with quantizer dropout (gradients
-averaged over the ranks with `all_reduce`, replacement kept in agreement by the layer), on data and local batch sizes of its own, and writes the depths the
-layer drew at every step, an eval pass and the final params to `OUT_DIR/codec_rank<RANK>.pt`.
+averaged over the ranks with `all_reduce`, replacement kept in agreement by the layer), on
+data and local batch sizes of its own, and writes the depths the layer drew at every step, an
+eval pass and the final params to `OUT_DIR/codec_rank<RANK>.pt`.
 """
 
 from __future__ import annotations
