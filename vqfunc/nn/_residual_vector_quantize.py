@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from vqfunc._params import ResidualParams
 from vqfunc._validate import check_input
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
@@ -116,6 +117,16 @@ class ResidualVectorQuantize(QuantizerShim):
         self.dropout_generator = torch.Generator().manual_seed(dropout_seed)
         self._register_tensors(params, init_state(params, self.cfg))
         self._register_load_state_dict_pre_hook(_fill_missing_counters, with_module=True)
+
+    @property
+    def params(self) -> Any:
+        """The layer's parameters: a `VQParams`, or a `ResidualParams` with `codebook_dim`
+        (the layer's own tensors, not copies)."""
+        base = super().params
+        if self.cfg.codebook_dim is None:
+            return base
+        extra = (getattr(self, name) for name in self.cfg.projection_shapes)
+        return ResidualParams(*base, *extra)
 
     @property
     def groups(self) -> int:

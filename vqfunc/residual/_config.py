@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from vqfunc._config import CodebookLayout, QuantizerConfig, _is_int
+from vqfunc._config import _DISTS, CodebookLayout, Dist, QuantizerConfig, _is_int
 
 DropoutPer = Literal["batch", "sample"]
 
@@ -35,13 +35,24 @@ class ResidualConfig(QuantizerConfig):
             the output sums only the first `depth` levels, `depth` uniform in `[1, L]`. See
             `dropout_per`.
         dropout_per: `"batch"` (EnCodec's: with probability `p` one random depth for the whole
-            batch, else all levels) or `"sample"` (DAC's: the first `round(p * S)` of the `S`
+            batch, else all levels) or `"sample"` (DAC's: the first `floor(p * S)` of the `S`
             samples of the batch each take a random depth, the others all levels).
+        codebook_dim: size `d` of low-dimensional codes (None: codes of `feature_size`). Each
+            level then has learned projections, `[F, d]` in and `[d, F]` out, both with a bias,
+            in the params (`ResidualParams`): the level searches `e = r @ W_in + b_in`, and adds
+            `(e + sg(c - e)) @ W_out + b_out` for its code `c` (straight-through per level, so
+            the gradient reaches both projections, the input and, through the loss, the codes);
+            the loss is the sum over levels of the commitment loss between `e` and `c`.
+        dist: `"euclidean"` or `"cosine"`; cosine (which needs `codebook_dim`) searches with
+            l2-normalised `e` and codes, and adds the raw code: DAC's factorised lookup. Without
+            projections a unit code could not follow the residual's scale, so cosine needs them.
     """
 
     levels: int = 1
     quantizer_dropout: float = 0.0
     dropout_per: DropoutPer = "sample"
+    codebook_dim: int | None = None
+    dist: Dist = "euclidean"
 
     _PARTS = "levels"
 
@@ -56,6 +67,25 @@ class ResidualConfig(QuantizerConfig):
             raise ValueError(
                 f"ResidualConfig: dropout_per must be one of {_DROPOUT_PER}, "
                 f"got {self.dropout_per!r}"
+            )
+        self._check_projection()
+
+    def _check_projection(self) -> None:
+        if self.dist not in _DISTS:
+            raise ValueError(f"ResidualConfig: dist must be one of {_DISTS}, got {self.dist!r}")
+        if self.codebook_dim is None:
+            if self.dist == "cosine":
+                raise ValueError(
+                    "ResidualConfig: dist='cosine' needs codebook_dim (unit codes cannot follow "
+                    "the residual's scale without an output projection); got codebook_dim=None"
+                )
+            return
+        self._positive_int("codebook_dim")
+        if self.estimator != "ste" or self.sync_nu != 0:
+            raise ValueError(
+                f"ResidualConfig: codebook_dim={self.codebook_dim} runs a straight-through "
+                f"estimator per level; it needs estimator='ste' and sync_nu=0, got "
+                f"estimator={self.estimator!r}, sync_nu={self.sync_nu!r}"
             )
 
     def _check_num_codes(self) -> None:
@@ -111,10 +141,23 @@ class ResidualConfig(QuantizerConfig):
             parts=self.levels,
             share=self.share,
             num_codes=stored,
-            code_dim=self.feature_size,
+            code_dim=self.feature_size if self.codebook_dim is None else self.codebook_dim,
             affine_groups=self.affine_groups,
             affine=self.affine_lr > 0,
         )
+
+    @property
+    def projection_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of `ResidualParams`' projections (empty without `codebook_dim`)."""
+        if self.codebook_dim is None:
+            return {}
+        f, d, n = self.feature_size, self.codebook_dim, self.levels
+        return {
+            "proj_in": (n, f, d),
+            "proj_in_bias": (n, d),
+            "proj_out": (n, d, f),
+            "proj_out_bias": (n, f),
+        }
 
     def check_n_levels(self, n_levels: object, *, where: str) -> int:
         """`n_levels` as an int in `[1, levels]` (None: all levels); a clear error otherwise."""

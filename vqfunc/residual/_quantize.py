@@ -24,11 +24,12 @@ from vqfunc._estimators import estimate
 from vqfunc._layout import Layout, from_rows, normalize_dim, rows_to_batch, to_rows
 from vqfunc._losses import commitment_loss
 from vqfunc._metrics import perplexity
-from vqfunc._params import VQParams
+from vqfunc._params import ResidualParams, VQParams
 from vqfunc._quantize import compute_dtype, row_weights, valid_rows
 from vqfunc._search import nearest_codes
 from vqfunc.residual._config import ResidualConfig
 from vqfunc.residual._levels import check_depth, check_level_codes, level_book, level_histogram
+from vqfunc.residual._projected import decode, init_projections, projected_levels
 
 
 class ResidualOutput(NamedTuple):
@@ -81,19 +82,26 @@ def init_params(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> VQParams:
+) -> VQParams | ResidualParams:
     """Fresh parameters: standard-normal codebooks and zero raw affine parameters.
 
     Returns:
         `VQParams` with `codebook` of shape `cfg.codebook_shape` and raw affine parameters of
-        shape `[A, F]` (`[L, A, F]` with separate codebooks; `A = 0` when affine is off).
+        shape `[A, d]` (`[L, A, d]` with separate codebooks; `A = 0` when affine is off). With
+        `cfg.codebook_dim` a `ResidualParams`, whose projections are normal with variance
+        `1 / fan_in` and biases zero.
     """
     _validate.check_config(cfg, ResidualConfig, where="vqfunc.residual.init_params")
-    return _params.init_params(cfg, generator=generator, device=device, dtype=dtype)
+    params = _params.init_params(cfg, generator=generator, device=device, dtype=dtype)
+    if cfg.codebook_dim is None:
+        return params
+    projections = init_projections(cfg, generator, params.codebook.device, params.codebook.dtype)
+    return ResidualParams(*params, **projections)
 
 
 def check_params(params: object, cfg: ResidualConfig, *, where: str) -> None:
-    """`cfg` is a `ResidualConfig` and `params` are shaped as it says."""
+    """`cfg` is a `ResidualConfig` and `params` (a `VQParams`, a `ResidualParams` with
+    `cfg.codebook_dim`) are shaped as it says."""
     _validate.check_params(params, cfg, where=where, kind=ResidualConfig)
 
 
@@ -122,8 +130,15 @@ def _quantize_levels(
     return torch.stack(picked, 1), torch.stack(codes, 1), torch.stack(distances, 1)
 
 
+def _keep(levels: Tensor, kept: Tensor | None) -> Tensor:
+    """Level values `[M, n, F]` with the levels each row drops (`kept` `[M, n]` False) zeroed."""
+    if kept is None:
+        return levels
+    return levels * kept.unsqueeze(-1).to(levels.dtype)
+
+
 def quantize(
-    params: VQParams,
+    params: VQParams | ResidualParams,
     x: Tensor,
     cfg: ResidualConfig,
     *,
@@ -137,8 +152,14 @@ def quantize(
     `torch.func.vmap` and `torch.compile(fullgraph=True)`. The gradient estimator (and the
     synchronized update) act on the sum of the levels, and the loss compares `x` with that sum.
 
+    With `cfg.codebook_dim` each level searches and learns through its projections (see
+    `ResidualConfig.codebook_dim`): the output carries a straight-through gradient per level
+    instead of `cfg.estimator` on the sum, and the loss is the sum over levels of the
+    commitment loss in the projected space.
+
     Args:
-        params: codebook(s) and affine parameters, from `vqfunc.residual.init_params`.
+        params: codebook(s) and affine parameters, from `vqfunc.residual.init_params` (a
+            `ResidualParams` with `cfg.codebook_dim`).
         x: `[..., F (at cfg.dim), ...]` floating tensor of any rank >= 1; may be empty.
         cfg: the static configuration.
         mask: optional `[*B]` tensor (bool, or float weights in [0, 1]) over the input's
@@ -175,19 +196,28 @@ def quantize(
         row_mask = mask.reshape(-1)
     weights = row_weights(valid, row_mask, rows.dtype)
     codebook = effective_codebook(params, cfg).to(rows.dtype)
-    picked, codes, distances = _quantize_levels(codebook, rows, valid, cfg, n)
-    residuals = torch.cat([rows.unsqueeze(1), rows.unsqueeze(1) - picked.cumsum(1)], 1)
     level_weights = weights.unsqueeze(-1).expand(-1, n)
+    kept = None
     if depth is None:
         row_depth = torch.full(batch, n, dtype=torch.long, device=x.device)
-        z_q = picked.sum(1)
     else:
         row_depth = depth
         kept = torch.arange(n, device=x.device) < depth.reshape(-1, 1)
-        z_q = (picked * kept.unsqueeze(-1).to(picked.dtype)).sum(1)
         level_weights = level_weights * kept.to(weights.dtype)
-    loss = commitment_loss(rows, z_q, cfg.beta, mask=weights)
-    out_rows = estimate(rows, z_q, cfg)
+    if isinstance(params, ResidualParams):
+        outs, picked, codes, distances, loss = projected_levels(
+            params, codebook, rows, valid, level_weights, cfg, n
+        )
+        residuals = torch.cat([rows.unsqueeze(1), rows.unsqueeze(1) - outs.cumsum(1)], 1)
+        residuals = residuals.detach()
+        out_rows = _keep(outs, kept).sum(1)
+        z_q = _keep(picked, kept).sum(1)
+    else:
+        picked, codes, distances = _quantize_levels(codebook, rows, valid, cfg, n)
+        residuals = torch.cat([rows.unsqueeze(1), rows.unsqueeze(1) - picked.cumsum(1)], 1)
+        z_q = _keep(picked, kept).sum(1)
+        loss = commitment_loss(rows, z_q, cfg.beta, mask=weights)
+        out_rows = estimate(rows, z_q, cfg)
     histogram = level_histogram(codes, level_weights, cfg)
     books = histogram if cfg.share else histogram[:n]
     output = ResidualOutput(
@@ -207,7 +237,11 @@ def quantize(
 
 
 def dequantize(
-    params: VQParams, codes: Tensor, cfg: ResidualConfig, *, n_levels: int | None = None
+    params: VQParams | ResidualParams,
+    codes: Tensor,
+    cfg: ResidualConfig,
+    *,
+    n_levels: int | None = None,
 ) -> Tensor:
     """The sum over levels of the codes' vectors, in the input layout.
 
@@ -239,7 +273,9 @@ def dequantize(
     dim = normalize_dim(cfg.dim, len(batch_shape) + 1, where=where, name="cfg.dim")
     code_rows = codes.reshape(-1, n).long()
     codebook = effective_codebook(params, cfg)
-    if cfg.share:
+    if isinstance(params, ResidualParams):
+        vectors = decode(params, codebook, code_rows, cfg).unsqueeze(1)
+    elif cfg.share:
         vectors = codebook[code_rows]
     else:
         vectors = codebook[torch.arange(n, device=codebook.device), code_rows]

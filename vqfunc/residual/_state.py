@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from vqfunc._params import VQParams
+from vqfunc._params import ResidualParams, VQParams
 from vqfunc._quantize import row_weights
 from vqfunc._replace import (
     ReplaceRandomness,
@@ -36,6 +36,7 @@ from vqfunc._state import check_state
 from vqfunc._validate import check_config
 from vqfunc.residual._config import ResidualConfig
 from vqfunc.residual._levels import padding_slots
+from vqfunc.residual._projected import search_vectors
 from vqfunc.residual._quantize import ResidualOutput
 
 if TYPE_CHECKING:
@@ -54,21 +55,21 @@ class ResidualState(NamedTuple):
     replace: ReplaceState
 
 
-def init_state(params: VQParams, cfg: ResidualConfig) -> ResidualState:
+def init_state(params: VQParams | ResidualParams, cfg: ResidualConfig) -> ResidualState:
     """Counters at `cfg.replace_freq`, on the params' device (empty when replacement is off)."""
     check_config(cfg, ResidualConfig, where="vqfunc.residual.init_state")
-    return ResidualState(replace=init_replace_state(params, cfg))
+    return ResidualState(replace=init_replace_state(params, cfg))  # type: ignore[arg-type]
 
 
 def check_residual_state(
-    state: object, params: VQParams, cfg: ResidualConfig, *, where: str
+    state: object, params: VQParams | ResidualParams, cfg: ResidualConfig, *, where: str
 ) -> None:
     """`state` is a `ResidualState` shaped as `cfg` says, on the params' device."""
     check_state(state, params, cfg, where=where, kind=ResidualState, init=init_state)
 
 
 def update_state(
-    params: VQParams,
+    params: VQParams | ResidualParams,
     state: ResidualState,
     out: ResidualOutput,
     cfg: ResidualConfig,
@@ -77,7 +78,7 @@ def update_state(
     generator: torch.Generator | None = None,
     randomness: ReplaceRandomness | None = None,
     sync: StateSync | None = None,
-) -> tuple[VQParams, ResidualState]:
+) -> tuple[VQParams | ResidualParams, ResidualState]:
     """One step of dead-code replacement (`cfg.replace_freq > 0`) after `quantize`.
 
     Pure, without host syncs. With replacement off it returns its inputs.
@@ -108,8 +109,10 @@ def update_state(
     # Rows with a non-finite entry count as masked.
     mask = row_weights(out.valid, mask, out.z.dtype)
     with torch.no_grad():
-        params = VQParams(*(p.detach() for p in params))
+        params = type(params)(*(p.detach() for p in params))
         searched, codes = all_levels(out, cfg)
+        if isinstance(params, ResidualParams):
+            searched = search_vectors(params, searched.to(params.proj_in.dtype))
         candidates = sample_candidates(
             searched.flatten(-2), codes, cfg, mask=mask, generator=generator, randomness=randomness
         )
@@ -119,7 +122,13 @@ def update_state(
             candidates = sync.share_candidates(candidates)
         # The padding of per-level sizes counts as used: never replaced.
         histogram = histogram.masked_fill(padding_slots(cfg, histogram.device), 1.0)
-        new_params, replace, _ = replace_step(params, state.replace, histogram, candidates, cfg)
+        new_params, replace, _ = replace_step(
+            params,  # type: ignore[arg-type]
+            state.replace,
+            histogram,
+            candidates,
+            cfg,
+        )
         if not cfg.share:
             # A level that no row reached (fewer levels, or dropped) takes no step.
             # An empty batch (on every rank) counts down every level, as without levels.
