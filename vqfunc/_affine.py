@@ -11,10 +11,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from vqfunc._config import QuantizerConfig
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams
 
 
-def effective_codebook(params: VQParams, cfg: QuantizerConfig) -> Tensor:
+def effective_codebook(params: AnyParams, cfg: QuantizerConfig) -> Tensor:
     """The codebook the search sees: `params.codebook` with the affine map applied.
 
     Returns:
@@ -42,12 +42,12 @@ def apply_affine(codebook: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     return mapped.flatten(-3, -2)
 
 
-def affine_scale_bias(params: VQParams, cfg: QuantizerConfig) -> tuple[Tensor, Tensor]:
+def affine_scale_bias(params: AnyParams, cfg: QuantizerConfig) -> tuple[Tensor, Tensor]:
     """The effective scale `s` and bias `b`, each `[A, d]` (`[G, A, d]` when not shared)."""
     return 1.0 + cfg.affine_lr * params.affine_scale, cfg.affine_lr * params.affine_bias
 
 
-def invert_affine(effective: Tensor, params: VQParams, cfg: QuantizerConfig) -> Tensor:
+def invert_affine(effective: Tensor, params: AnyParams, cfg: QuantizerConfig) -> Tensor:
     """Raw codes whose affine image is `effective` (used to warm an affine codebook)."""
     if cfg.affine_lr == 0:
         return effective

@@ -87,7 +87,9 @@ class QuantizerConfig:
     Args:
         feature_size: size `F` of the quantized axis `dim` of the input.
         num_codes: number of codes. With `share=False` this counts the codes of all codebooks
-            together (as vqtorch does): each of them holds `num_codes // parts` codes.
+            together (as vqtorch does): each of them holds `num_codes // parts` codes. A tuple
+            of one size per part only where the quantizer takes it (residual VQ's per-level
+            sizes, `vqfunc.residual.ResidualConfig`).
         dim: the feature axis of the input (negative values count from the end). Default 1, as
             in vqtorch (`[B, F, H, W]` images); use `dim=-1` for `[..., F]` tokens.
         share: whether the groups (or levels) share one codebook (default) or each has its own.
@@ -118,7 +120,7 @@ class QuantizerConfig:
     """
 
     feature_size: int
-    num_codes: int
+    num_codes: int | tuple[int, ...]
     dim: int = 1
     share: bool = True
     beta: float = 0.95
@@ -142,8 +144,9 @@ class QuantizerConfig:
 
     def _check(self) -> None:
         """Validate the shared fields; every message names the configuration class."""
-        for name in ("feature_size", "num_codes", "affine_groups"):
+        for name in ("feature_size", "affine_groups"):
             self._positive_int(name)
+        self._check_num_codes()
         if not _is_int(self.dim):
             raise TypeError(f"{self._owner}: dim must be an int, got {self.dim!r}")
         for name in ("share", "kmeans_init"):
@@ -206,10 +209,14 @@ class QuantizerConfig:
             return self.replace_threshold > 0
         return self.replace_freq > 0
 
+    def _check_num_codes(self) -> None:
+        """`num_codes` is a positive int (a subclass may accept more)."""
+        self._positive_int("num_codes")
+
     def _check_layout(self) -> None:
         """The codes split evenly over the codebooks, and the affine blocks over the codes."""
         layout, name = self.layout, self._PARTS
-        if not self.share and self.num_codes % layout.parts:
+        if not self.share and layout.num_codes % layout.parts:
             raise ValueError(
                 f"{self._owner}: with share=False, num_codes={self.num_codes} counts the codes "
                 f"of all {layout.parts} {name} and must be a multiple of {name}={layout.parts}"
@@ -330,7 +337,7 @@ class VQConfig(QuantizerConfig):
         return CodebookLayout(
             parts=self.groups,
             share=self.share,
-            num_codes=self.num_codes,
+            num_codes=self.num_codes if isinstance(self.num_codes, int) else sum(self.num_codes),
             code_dim=self.code_dim,
             affine_groups=self.affine_groups,
             affine=self.affine_lr > 0,

@@ -58,3 +58,33 @@ def init_params(
     ).to(device)
     zeros = torch.zeros(cfg.layout.affine_shape, device=codebook.device, dtype=dtype)
     return VQParams(codebook=codebook, affine_scale=zeros, affine_bias=zeros.clone())
+
+
+class ResidualParams(NamedTuple):
+    """Learned tensors of a residual quantizer with low-dimensional codebooks
+    (`ResidualConfig.codebook_dim = d`), a pytree like `VQParams` with four more fields.
+
+    Level `i` searches its codebook with `e = r @ proj_in[i] + proj_in_bias[i]` (`[*, d]`) and
+    adds `c @ proj_out[i] + proj_out_bias[i]` (`[*, F]`) for its code `c`.
+
+    Attributes:
+        codebook: `[K, d]` codes when shared, `[L, K, d]` with one codebook per level.
+        affine_scale: raw affine scale, as in `VQParams` (with code size `d`).
+        affine_bias: raw affine bias, shaped like `affine_scale`.
+        proj_in: `[L, F, d]` input projection of every level.
+        proj_in_bias: `[L, d]` its bias.
+        proj_out: `[L, d, F]` output projection of every level.
+        proj_out_bias: `[L, F]` its bias.
+    """
+
+    codebook: Tensor
+    affine_scale: Tensor
+    affine_bias: Tensor
+    proj_in: Tensor
+    proj_in_bias: Tensor
+    proj_out: Tensor
+    proj_out_bias: Tensor
+
+
+# Either record: what the functions shared by both kinds of quantizer read (`codebook`, ...).
+AnyParams = VQParams | ResidualParams

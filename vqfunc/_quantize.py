@@ -34,7 +34,7 @@ from vqfunc._kernels.straight_through import straight_through_with_loss
 from vqfunc._layout import codes_to_batch, codes_to_rows, from_rows, rows_to_batch, to_rows
 from vqfunc._losses import commitment_loss
 from vqfunc._metrics import perplexity
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams, VQParams
 from vqfunc._search import nearest_codes, search_dtype
 
 
@@ -108,7 +108,7 @@ def _lookup(codebook: Tensor, codes: Tensor, cfg: VQConfig) -> Tensor:
     return codebook[torch.arange(cfg.groups, device=codebook.device), codes]
 
 
-def compute_dtype(x: Tensor, params: VQParams) -> torch.dtype:
+def compute_dtype(x: Tensor, params: AnyParams) -> torch.dtype:
     """Precision of the quantizer's arithmetic: at least float32, float64 if either is."""
     return search_dtype(torch.promote_types(x.dtype, params.codebook.dtype))
 

@@ -31,7 +31,7 @@ from vqfunc._ema import (
     init_ema_state,
     reset_codes,
 )
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams, VQParams
 from vqfunc._quantize import QuantizeOutput, row_weights
 from vqfunc._replace import (
     ReplaceRandomness,
@@ -90,12 +90,12 @@ def state_from_buffers(like: S, tensor: Callable[[str, Tensor], Tensor | None]) 
 
 def check_state(
     state: object,
-    params: VQParams,
+    params: AnyParams,
     cfg: QuantizerConfig,
     *,
     where: str,
     kind: type[tuple[Any, ...]] = VQState,
-    init: Callable[[VQParams, Any], tuple[Any, ...]] = init_state,
+    init: Callable[[Any, Any], tuple[Any, ...]] = init_state,
 ) -> None:
     """`state` is a `kind` record whose tensors are shaped like `init(params, cfg)`'s, on the
     params' device."""

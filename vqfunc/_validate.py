@@ -10,7 +10,7 @@ from torch import Tensor
 
 from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._layout import normalize_dim
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams, ResidualParams, VQParams
 
 _FLOAT_DTYPES = "float16, bfloat16, float32 or float64"
 
@@ -47,9 +47,13 @@ def check_params(
     """`cfg` is a `kind` configuration, and `params` a `VQParams` of floating tensors shaped as
     `cfg` says, on one device."""
     check_config(cfg, kind, where=where)
-    if not isinstance(params, VQParams):
+    projections: dict[str, tuple[int, ...]] = getattr(cfg, "projection_shapes", {})
+    record = ResidualParams if projections else VQParams
+    if not isinstance(params, record):
+        how = "vqfunc.residual.init_params(cfg)" if projections else "vqfunc.init_params(cfg)"
+        why = " (cfg.codebook_dim is set)" if projections else ""
         raise TypeError(
-            f"{where}: params must be a VQParams (from vqfunc.init_params(cfg) or layer.params), "
+            f"{where}: params must be a {record.__name__}{why} (from {how} or layer.params), "
             f"got {type(params).__name__}"
         )
     layout = cfg.layout
@@ -57,6 +61,7 @@ def check_params(
         "codebook": layout.codebook_shape,
         "affine_scale": layout.affine_shape,
         "affine_bias": layout.affine_shape,
+        **projections,
     }
     for name, shape in expected.items():
         value = getattr(params, name)
@@ -117,7 +122,7 @@ def check_input(x: object, cfg: FeatureAxis, *, where: str, name: str = "x") -> 
     return dim
 
 
-def check_same_device(x: Tensor, params: VQParams, *, where: str, name: str = "x") -> None:
+def check_same_device(x: Tensor, params: AnyParams, *, where: str, name: str = "x") -> None:
     if x.device != params.codebook.device:
         raise ValueError(
             f"{where}: {name} is on {x.device} but params.codebook is on "

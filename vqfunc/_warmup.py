@@ -11,7 +11,7 @@ from vqfunc import _validate
 from vqfunc._affine import invert_affine
 from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._kmeans import _sample_indices, kmeans
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams, VQParams
 from vqfunc._quantize import compute_dtype, valid_rows
 
 if TYPE_CHECKING:
@@ -111,11 +111,12 @@ def warmup_params(
             f"{', masked' if mask is not None else ''}{', on any rank' if sync else ''}) "
             "once the non-finite ones are left out; expected at least one"
         )
+    assert isinstance(fitted, VQParams)  # a VQConfig's params
     return fitted
 
 
 def fit_params(
-    params: VQParams,
+    params: AnyParams,
     x: Tensor,
     cfg: QuantizerConfig,
     *,
@@ -125,7 +126,7 @@ def fit_params(
     mask: Tensor | None,
     sync: WarmupSync | None,
     where: str,
-) -> VQParams | None:
+) -> AnyParams | None:
     """`warmup_params` for either kind of configuration, None (on every rank) without data.
 
     The residual warm-up shares it, and a layer that warms up on "the first batch that holds
@@ -166,7 +167,7 @@ def _is_cosine(cfg: QuantizerConfig) -> bool:
 
 
 def _fit_rows(
-    params: VQParams,
+    params: AnyParams,
     rows: Tensor,
     cfg: QuantizerConfig,
     method: WarmupMethod,
@@ -180,7 +181,7 @@ def _fit_rows(
         # Imported here: the residual package builds on this module.
         from vqfunc.residual._warmup import fit_levels
 
-        codebook = fit_levels(rows, cfg, method, generator, kmeans_iters)  # type: ignore[arg-type]
+        codebook = fit_levels(params, rows, cfg, method, generator, kmeans_iters)  # type: ignore[arg-type]
     raw = invert_affine(codebook, params, cfg)
     return raw.to(params.codebook.dtype)
 

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from vqfunc._config import QuantizerConfig, VQConfig
-from vqfunc._params import VQParams, init_params
+from vqfunc._params import AnyParams, init_params
 from vqfunc._state import VQState, check_state, init_state, state_buffers, state_from_buffers
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._quantize import init_params as init_residual_params
 from vqfunc.residual._state import ResidualState, check_residual_state
 from vqfunc.residual._state import init_state as init_residual_state
 
@@ -124,7 +125,7 @@ def unflatten(flat: Mapping[str, Tensor], like: T, *, prefix: str = "") -> T:
 
 
 def layer_state_dict(
-    params: VQParams,
+    params: AnyParams,
     state: VQState | ResidualState | None = None,
     *,
     cfg: QuantizerConfig | None = None,
@@ -167,7 +168,7 @@ def from_layer_state_dict(
     *,
     prefix: str = "",
     device: torch.device | str | None = None,
-) -> tuple[VQParams, Any]:
+) -> tuple[AnyParams, Any]:
     """Functional `(params, state)` read from a layer's `state_dict()` (or a checkpoint).
 
     Args:
@@ -177,17 +178,21 @@ def from_layer_state_dict(
         device: where to put the tensors (default: where the codebook is stored).
 
     Returns:
-        Fresh `VQParams` and state (a `VQState` for a `VQConfig`, a `ResidualState` for a
-        `ResidualConfig`; copies: later training of the layer does not change them). State
-        buffers the dict lacks (saved before the layer had them) take their initial values.
+        Fresh `VQParams` (`ResidualParams` with `codebook_dim`) and state (a `VQState` for a
+        `VQConfig`, a `ResidualState` for a `ResidualConfig`; copies: later training of the
+        layer does not change them). State buffers the dict lacks (saved before the layer had
+        them) take their initial values.
     """
     key = prefix + "codebook"
     if key not in state_dict:
         raise KeyError(f"from_layer_state_dict: no {key!r} in the state dict")
     stored = state_dict[key]
     device = stored.device if device is None else torch.device(device)
-    params_like = init_params(cfg, device=device, dtype=stored.dtype)
-    params = VQParams(
+    if isinstance(cfg, ResidualConfig):
+        params_like: AnyParams = init_residual_params(cfg, device=device, dtype=stored.dtype)
+    else:
+        params_like = init_params(cfg, device=device, dtype=stored.dtype)
+    params = type(params_like)(
         *(
             _checked(state_dict, prefix + name, like, "from_layer_state_dict")
             for name, like in params_like._asdict().items()
@@ -206,14 +211,14 @@ def from_layer_state_dict(
     return params, state
 
 
-def _initial_state(params: VQParams, cfg: QuantizerConfig) -> VQState | ResidualState:
+def _initial_state(params: AnyParams, cfg: QuantizerConfig) -> VQState | ResidualState:
     if isinstance(cfg, ResidualConfig):
         return init_residual_state(params, cfg)
     if not isinstance(cfg, VQConfig):
         raise TypeError(
             f"checkpoint: cfg must be a VQConfig or a ResidualConfig, got {type(cfg).__name__}"
         )
-    return init_state(params, cfg)
+    return init_state(params, cfg)  # type: ignore[arg-type]  # a VQConfig's are VQParams
 
 
 def _checked(flat: Mapping[str, Tensor], key: str, like: Tensor, where: str) -> Tensor:

@@ -56,6 +56,7 @@ def test_notebooks_exist() -> None:
         "02_functional_training",
         "03_layer_and_warmup",
         "04_from_vqtorch",
+        "05_codec_bitrates",
     }
     assert expected <= names, f"missing notebooks: {sorted(expected - names)}"
 

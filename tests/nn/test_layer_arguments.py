@@ -21,7 +21,14 @@ LAYERS = [
     (vqfunc.ResidualVectorQuantize, ResidualConfig),
 ]
 # The layers' own arguments: what builds the tensors, not what configures the quantizer.
-LAYER_ONLY = {"generator", "device", "dtype", "process_group", "inplace_optimizer"}
+LAYER_ONLY = {
+    "generator",
+    "device",
+    "dtype",
+    "process_group",
+    "inplace_optimizer",
+    "dropout_seed",
+}
 # vqtorch's name of a field, taken positionally by the residual layer: alias -> field.
 ALIASES = {"groups": "levels"}
 
@@ -87,7 +94,11 @@ def test_every_field_reaches_the_layer_config() -> None:
 def test_unknown_argument_names_the_layer_and_the_fields() -> None:
     with pytest.raises(TypeError, match=r"VectorQuantize: unexpected keyword argument 'norm'"):
         vqfunc.VectorQuantize(8, 16, norm=None)
-    with pytest.raises(TypeError, match=r"ResidualVectorQuantize: .*'dist'.*ResidualConfig"):
+    with pytest.raises(
+        TypeError, match=r"ResidualVectorQuantize: .*'vector_normalize'.*ResidualConfig"
+    ):
+        vqfunc.ResidualVectorQuantize(8, 16, vector_normalize=True)
+    with pytest.raises(ValueError, match=r"^ResidualConfig: dist='cosine' needs codebook_dim"):
         vqfunc.ResidualVectorQuantize(8, 16, dist="cosine")
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from vqfunc._affine import effective_codebook
 from vqfunc._config import QuantizerConfig
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams, VQParams
 from vqfunc._state import state_buffers, state_from_buffers
 from vqfunc._warmup import fit_params
 from vqfunc.distributed import sync_for
@@ -44,7 +44,7 @@ class QuantizerShim(nn.Module):
     process_group: ProcessGroup | None
 
     def _register_tensors(
-        self, params: VQParams, state: NamedTuple, *, frozen_codebook: bool = False
+        self, params: AnyParams, state: NamedTuple, *, frozen_codebook: bool = False
     ) -> None:
         """Register `params` as parameters, `state`'s tensors and the k-means flag as buffers."""
         for name, value in params._asdict().items():
@@ -102,8 +102,8 @@ class QuantizerShim(nn.Module):
         return self.cfg.feature_size
 
     @property
-    def num_codes(self) -> int:
-        """`cfg.num_codes`: codes of all codebooks together."""
+    def num_codes(self) -> int | tuple[int, ...]:
+        """`cfg.num_codes`: codes of all codebooks together (or one size per level)."""
         return self.cfg.num_codes
 
     @property
@@ -123,7 +123,7 @@ class QuantizerShim(nn.Module):
         return effective_codebook(self.params, self.cfg).detach()
 
     @torch.no_grad()
-    def load_params(self, params: VQParams) -> None:
+    def load_params(self, params: AnyParams) -> None:
         """Copy `params` into the layer's parameters (shapes must match)."""
         self._copy_params(params)
 
@@ -148,13 +148,14 @@ class QuantizerShim(nn.Module):
         self._mark_kmeans_done()
 
     @torch.no_grad()
-    def _copy_params(self, params: VQParams) -> None:
+    def _copy_params(self, params: AnyParams) -> None:
         """Copy `params` into the layer's parameters, after checking every shape."""
         where = f"{type(self).__name__}.load_params"
-        if not isinstance(params, VQParams):
+        record = type(self.params)
+        if not isinstance(params, record):
             raise TypeError(
-                f"{where}: params must be a VQParams (e.g. from vqfunc.init_params(layer.cfg) "
-                f"or warmup_params), got {type(params).__name__}"
+                f"{where}: params must be a {record.__name__} (e.g. from "
+                f"vqfunc.init_params(layer.cfg) or warmup_params), got {type(params).__name__}"
             )
         own = self.params._asdict()
         for name, value in params._asdict().items():
@@ -167,7 +168,7 @@ class QuantizerShim(nn.Module):
             own[name].copy_(value)
 
     @torch.no_grad()
-    def _write(self, params: VQParams | None, state: NamedTuple) -> None:
+    def _write(self, params: AnyParams | None, state: NamedTuple) -> None:
         if params is not None:
             self.codebook.copy_(params.codebook)
         for name, value in state_buffers(state).items():
@@ -176,20 +177,21 @@ class QuantizerShim(nn.Module):
     def _quantize_and_update(
         self,
         quantize_fn: Callable[..., tuple[Tensor, Any]],
-        update_fn: Callable[..., tuple[VQParams, Any]],
+        update_fn: Callable[..., tuple[AnyParams, Any]],
         x: Tensor,
         mask: Tensor | None,
         *,
         updates: bool,
+        **options: Any,
     ) -> tuple[Tensor, Any]:
-        """`quantize_fn(params, x, cfg, mask=)`, then, if `updates`, the state update
+        """`quantize_fn(params, x, cfg, mask=, **options)`, then, if `updates`, the state update
         `update_fn(params, state, out, cfg, mask=, sync=)` written into the layer."""
         params = self.params
         if updates:
             # The update below writes the codebook in place; the graph of this forward pass
             # must keep the values it was computed with.
             params = params._replace(codebook=params.codebook.clone())
-        z_q, out = quantize_fn(params, x, self.cfg, mask=mask)
+        z_q, out = quantize_fn(params, x, self.cfg, mask=mask, **options)
         if updates:
             sync = sync_for(self.process_group)
             new_params, new_state = update_fn(

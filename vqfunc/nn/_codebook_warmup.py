@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vqfunc import distributed
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams
 from vqfunc._warmup import WarmupMethod
 from vqfunc._warmup import warmup_params as vqfunc_warmup_params
 from vqfunc.nn._residual_vector_quantize import ResidualVectorQuantize
@@ -142,7 +142,7 @@ def _fit(
     method: WarmupMethod,
     generator: torch.Generator | None,
     group: ProcessGroup | None,
-) -> VQParams:
+) -> AnyParams:
     """New params of `layer` fitted to `rows` `[M, F]` (of every rank, under distributed)."""
     warmup = vqfunc_warmup_params if isinstance(layer, VectorQuantize) else residual_warmup_params
     return warmup(

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor
 
 from vqfunc._ema import init_ema_state
-from vqfunc._params import VQParams
+from vqfunc._params import ResidualParams, VQParams
+from vqfunc._validate import check_input
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._dropout import draw_dropout
 from vqfunc.residual._quantize import ResidualOutput, init_params, quantize
 from vqfunc.residual._state import (
     ResidualState,
@@ -78,10 +80,16 @@ class ResidualVectorQuantize(QuantizerShim):
         device: where to create the params and state.
         dtype: floating dtype of the params.
         process_group: the ranks that keep the replacement in agreement (default: world).
+        dropout_seed: seed of `dropout_generator`, the CPU generator quantizer dropout draws
+            from. Give every rank the same seed (the default does): each draw consumes the same
+            amount of its stream whatever the local batch size, so the ranks draw the same
+            depths step after step (with `dropout_per="batch"`, one depth for the whole global
+            batch). The generator's position is not part of `state_dict`.
         **options: every other field of `vqfunc.residual.ResidualConfig` (`levels`, `dim`,
             `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
             `replace_rho`, `replace_rule`, `replace_threshold`, `replace_usage`,
-            `replace_decay`, `ema_decay`, `ema_eps`, `kmeans_init`), with its default.
+            `replace_decay`, `ema_decay`, `ema_eps`, `kmeans_init`, `quantizer_dropout`,
+            `dropout_per`, `codebook_dim`, `dist`), with its default.
     """
 
     cfg: ResidualConfig
@@ -102,6 +110,7 @@ class ResidualVectorQuantize(QuantizerShim):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         process_group: ProcessGroup | None = None,
+        dropout_seed: int = 0,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -116,10 +125,25 @@ class ResidualVectorQuantize(QuantizerShim):
         self.cfg = config_from_arguments(ResidualConfig, type(self).__name__, arguments | options)
         params = init_params(self.cfg, generator=generator, device=device, dtype=dtype)
         self.process_group = process_group
+        if not isinstance(dropout_seed, int) or isinstance(dropout_seed, bool):
+            raise TypeError(
+                f"ResidualVectorQuantize: dropout_seed must be an int, got {dropout_seed!r}"
+            )
+        self.dropout_generator = torch.Generator().manual_seed(dropout_seed)
         # With EMA the averages own the codebook: no gradient, so no optimizer moves it as well.
         self._register_tensors(
             params, init_state(params, self.cfg), frozen_codebook=self.cfg.ema_decay > 0
         )
+
+    @property
+    def params(self) -> Any:
+        """The layer's parameters: a `VQParams`, or a `ResidualParams` with `codebook_dim`
+        (the layer's own tensors, not copies)."""
+        base = super().params
+        if self.cfg.codebook_dim is None:
+            return base
+        extra = (getattr(self, name) for name in self.cfg.projection_shapes)
+        return ResidualParams(*base, *extra)
 
     @property
     def groups(self) -> int:
@@ -136,11 +160,11 @@ class ResidualVectorQuantize(QuantizerShim):
         """The layer's training state as a `ResidualState` (its own buffer, not a copy)."""
         return self._state_view()
 
-    def _initial_state(self, params: VQParams) -> ResidualState:
+    def _initial_state(self, params: VQParams | ResidualParams) -> ResidualState:
         return init_state(params, self.cfg)
 
     @torch.no_grad()
-    def load_params(self, params: VQParams) -> None:
+    def load_params(self, params: VQParams | ResidualParams) -> None:
         """Copy `params` into the layer's parameters (shapes must match).
 
         With EMA on, the EMA statistics restart from the new codebooks (one pseudo-observation
@@ -158,8 +182,23 @@ class ResidualVectorQuantize(QuantizerShim):
         )
         self._write(None, state)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        n_levels: int | None = None,
+        depth: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
         """Quantize `x` (`[..., F (at dim), ...]`); see `vqfunc.residual.quantize`.
+
+        `n_levels` runs only the first `n` levels, in training as in eval (the codes have `n`
+        entries; replacement leaves the other levels as they are). In training mode with
+        `quantizer_dropout > 0` the layer draws each sample's depth from
+        `dropout_generator` (`vqfunc.residual.draw_dropout`; samples are the first axis of
+        `x` without its feature axis); `eval()` never drops. `depth` gives the depths instead
+        (in any mode): pass it pre-drawn to run the layer under
+        `torch.compile(fullgraph=True)`, whose graphs draw nothing.
 
         Inside `vqfunc.no_vq` the layer returns `x` unchanged with a zero loss.
         """
@@ -168,16 +207,40 @@ class ResidualVectorQuantize(QuantizerShim):
         training = self.training and self._holds_own_tensors()
         if training and self.cfg.kmeans_init and not self._kmeans_initialized():
             self._kmeans_warmup(x, mask)
+        if depth is None and self.training and self.cfg.quantizer_dropout > 0:
+            depth = self._draw_depth(x, n_levels)
         updates = training and (self.cfg.replaces_codes or self.cfg.ema_decay > 0)
-        z_q, out = self._quantize_and_update(quantize, update_state, x, mask, updates=updates)
+        z_q, out = self._quantize_and_update(
+            quantize, update_state, x, mask, updates=updates, n_levels=n_levels, depth=depth
+        )
         return z_q, residual_misc_dict(out)
+
+    def _draw_depth(self, x: Tensor, n_levels: int | None) -> Tensor:
+        """`[S, 1, ...]` depths for the samples of `x` (broadcast over the other batch axes)."""
+        dim = check_input(x, self.cfg, where="ResidualVectorQuantize")
+        batch = [size for axis, size in enumerate(x.shape) if axis != dim]
+        samples = batch[0] if batch else 1
+        depth = draw_dropout(
+            self.cfg, samples, n_levels=n_levels, generator=self.dropout_generator, device=x.device
+        )
+        if not batch:
+            return depth.reshape(())
+        return depth.view(samples, *([1] * (len(batch) - 1)))
 
     def extra_repr(self) -> str:
         c = self.cfg
         text = describe(
             c,
             ("feature_size", "num_codes", "levels", "share", "dim"),
-            ("affine_lr", "sync_nu", "replace_freq", "replace_threshold", "ema_decay"),
+            (
+                "affine_lr",
+                "sync_nu",
+                "replace_freq",
+                "replace_threshold",
+                "ema_decay",
+                "quantizer_dropout",
+                "codebook_dim",
+            ),
         )
         if c.estimator != "ste":
             text += f", estimator={c.estimator!r}"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from vqfunc._alternating import codebook_loss
 from vqfunc._config import VQConfig
 from vqfunc._ema import init_ema_state
-from vqfunc._params import VQParams, init_params
+from vqfunc._params import AnyParams, VQParams, init_params
 from vqfunc._quantize import QuantizeOutput, quantize
 from vqfunc._state import VQState, check_state, init_state, update_state
 from vqfunc.distributed import sync_for
@@ -152,7 +152,7 @@ class VectorQuantize(QuantizerShim):
         return self._state_view()
 
     @torch.no_grad()
-    def load_params(self, params: VQParams) -> None:
+    def load_params(self, params: AnyParams) -> None:
         """Copy `params` into the layer's parameters (shapes must match).
 
         With EMA on, the EMA statistics restart from the new codebook (one pseudo-observation

@@ -9,10 +9,19 @@ The same pure shape as plain VQ, in its own namespace:
     z_q, out = vqfunc.residual.quantize(params, x, cfg)
     params, state = vqfunc.residual.update_state(params, state, out, cfg, generator=g)
 
+Codec features: `n_levels=` at `quantize` / `dequantize` (fewer levels, a lower bitrate),
+`num_codes=(1024, 512, 256)` (one codebook size per level), `codebook_dim=` (learned
+projections around each level's lookup, `ResidualParams`; with `dist="cosine"` DAC's
+factorised lookup), quantizer dropout
+(`draw_dropout`, then `quantize(..., depth=)`), and `bitrate(cfg, frame_rate)`.
+
 The layer is `vqfunc.nn.ResidualVectorQuantize`.
 """
 
+from vqfunc._params import ResidualParams as ResidualParams
+from vqfunc.residual._bitrate import bitrate as bitrate
 from vqfunc.residual._config import ResidualConfig as ResidualConfig
+from vqfunc.residual._dropout import draw_dropout as draw_dropout
 from vqfunc.residual._quantize import ResidualOutput as ResidualOutput
 from vqfunc.residual._quantize import dequantize as dequantize
 from vqfunc.residual._quantize import init_params as init_params
@@ -25,8 +34,11 @@ from vqfunc.residual._warmup import warmup_params as warmup_params
 __all__ = [
     "ResidualConfig",
     "ResidualOutput",
+    "ResidualParams",
     "ResidualState",
+    "bitrate",
     "dequantize",
+    "draw_dropout",
     "init_params",
     "init_state",
     "quantize",

@@ -35,12 +35,11 @@ from torch import Tensor
 from vqfunc._ema import (
     EMAState,
     EMAStatistics,
-    ema_statistics,
     ema_update,
     init_ema_state,
     reset_codes,
 )
-from vqfunc._params import VQParams
+from vqfunc._params import ResidualParams, VQParams
 from vqfunc._quantize import row_weights
 from vqfunc._replace import (
     ReplaceRandomness,
@@ -52,6 +51,8 @@ from vqfunc._replace import (
 from vqfunc._state import check_state
 from vqfunc._validate import check_config
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._levels import padding_slots
+from vqfunc.residual._projected import search_vectors
 from vqfunc.residual._quantize import ResidualOutput
 
 if TYPE_CHECKING:
@@ -73,22 +74,25 @@ class ResidualState(NamedTuple):
     replace: ReplaceState
 
 
-def init_state(params: VQParams, cfg: ResidualConfig) -> ResidualState:
+def init_state(params: VQParams | ResidualParams, cfg: ResidualConfig) -> ResidualState:
     """The initial state on the params' device: EMA statistics of one pseudo-observation per
     code and counters at `cfg.replace_freq` (each empty when its technique is off)."""
     check_config(cfg, ResidualConfig, where="vqfunc.residual.init_state")
-    return ResidualState(ema=init_ema_state(params, cfg), replace=init_replace_state(params, cfg))
+    return ResidualState(
+        ema=init_ema_state(params, cfg),  # type: ignore[arg-type]
+        replace=init_replace_state(params, cfg),  # type: ignore[arg-type]
+    )
 
 
 def check_residual_state(
-    state: object, params: VQParams, cfg: ResidualConfig, *, where: str
+    state: object, params: VQParams | ResidualParams, cfg: ResidualConfig, *, where: str
 ) -> None:
     """`state` is a `ResidualState` shaped as `cfg` says, on the params' device."""
     check_state(state, params, cfg, where=where, kind=ResidualState, init=init_state)
 
 
 def update_state(
-    params: VQParams,
+    params: VQParams | ResidualParams,
     state: ResidualState,
     out: ResidualOutput,
     cfg: ResidualConfig,
@@ -97,10 +101,11 @@ def update_state(
     generator: torch.Generator | None = None,
     randomness: ReplaceRandomness | None = None,
     sync: StateSync | None = None,
-) -> tuple[VQParams, ResidualState]:
+) -> tuple[VQParams | ResidualParams, ResidualState]:
     """One step of the stateful techniques `cfg` turns on, after `quantize`: the EMA update
     (`cfg.ema_decay > 0`), then dead-code replacement (`cfg.replaces_codes`: `replace_freq > 0`, or
-    `replace_threshold > 0` with `replace_rule="usage"`).
+    `replace_threshold > 0` with `replace_rule="usage"`). Only the levels a row reached (its
+    `depth`, `n_levels`) count for that level; a level no row reached takes no step.
 
     Pure, without host syncs. With every technique off it returns its inputs.
 
@@ -131,26 +136,120 @@ def update_state(
     # Rows with a non-finite entry count as masked.
     mask = row_weights(out.valid, mask, out.z.dtype)
     with torch.no_grad():
-        params = VQParams(*(p.detach() for p in params))
+        params = type(params)(*(p.detach() for p in params))
         ema, replace = state
-        # The residual each level searched, as that level's group: `[*B, L * F]`.
-        searched = out.residuals[..., : cfg.levels, :].flatten(-2)
-        histogram = out.histogram
+        searched, codes = all_levels(out, cfg)
+        if isinstance(params, ResidualParams):
+            searched = search_vectors(params, searched.to(params.proj_in.dtype))
+        histogram, reached = out.histogram, levels_reached(out, cfg)
+        new_params = params
         if cfg.ema_decay > 0:
-            stats = ema_statistics(searched, out.codes, cfg, mask=mask)
+            stats = level_statistics(searched, codes, level_weights(out, cfg, mask), cfg)
             if sync is not None:
-                histogram, counts, sums = sync.reduce_sum(histogram, *stats)
+                histogram, reached, counts, sums = sync.reduce_sum(histogram, reached, *stats)
                 stats = EMAStatistics(counts, sums)
-            params, ema = ema_update(params, ema, stats, cfg)
+            new_params, ema = ema_update(new_params, ema, stats, cfg)  # type: ignore[arg-type]
+        elif sync is not None:
+            histogram, reached = sync.reduce_sum(histogram, reached)
         if cfg.replaces_codes:
             candidates = sample_candidates(
-                searched, out.codes, cfg, mask=mask, generator=generator, randomness=randomness
+                searched.flatten(-2),
+                codes,
+                cfg,
+                mask=mask,
+                generator=generator,
+                randomness=randomness,
             )
             if sync is not None:
-                if cfg.ema_decay <= 0:
-                    (histogram,) = sync.reduce_sum(histogram)
                 candidates = sync.share_candidates(candidates)
-            params, replace, replaced = replace_step(params, replace, histogram, candidates, cfg)
+            # The padding of per-level sizes counts as used: never replaced.
+            histogram = histogram.masked_fill(padding_slots(cfg, histogram.device), 1.0)
+            new_params, replace, replaced = replace_step(
+                new_params,  # type: ignore[arg-type]
+                replace,
+                histogram,
+                candidates,
+                cfg,
+            )
             if cfg.ema_decay > 0:
-                ema = reset_codes(ema, params, replaced, cfg)
-    return params, ResidualState(ema=ema, replace=replace)
+                ema = reset_codes(ema, new_params, replaced, cfg)
+        if not cfg.share:
+            # A level that no row reached (fewer levels, or dropped) takes no step.
+            # An empty batch (on every rank) counts down every level, as without levels.
+            ran = ((reached[:-1] > 0) | (reached[-1] == 0)).view(-1, 1)
+            ran = ran & (torch.arange(cfg.levels, device=ran.device) < out.codes.shape[-1]).view(
+                -1, 1
+            )
+            pairs = zip(replace, state.replace, strict=True)
+            replace = ReplaceState(*(torch.where(ran, new, old) for new, old in pairs))
+            ema = EMAState(
+                *(
+                    torch.where(ran.view(-1, *([1] * (new.dim() - 1))), new, old)
+                    for new, old in zip(ema, state.ema, strict=True)
+                )
+            )
+            codebook = torch.where(ran.unsqueeze(-1), new_params.codebook, params.codebook)
+            new_params = new_params._replace(codebook=codebook)
+    return new_params, ResidualState(ema=ema, replace=replace)
+
+
+def level_weights(out: ResidualOutput, cfg: ResidualConfig, mask: Tensor | None) -> Tensor:
+    """`[*B, L]` weight of each row at each level: its mask weight where the level ran for it
+    (`level < depth`), else 0."""
+    depth = out.depth.unsqueeze(-1)
+    reached = (torch.arange(cfg.levels, device=depth.device) < depth).to(out.z.dtype)
+    if mask is None:
+        return reached
+    return reached * mask.to(out.z.dtype).unsqueeze(-1)
+
+
+def level_statistics(
+    searched: Tensor, codes: Tensor, weights: Tensor, cfg: ResidualConfig
+) -> EMAStatistics:
+    """EMA batch counts `[num_books, K]` and sums `[num_books, K, d]` of the residuals each
+    level searched (`searched` `[*B, L, d]`, `codes` `[*B, L]`), each (row, level) pair
+    weighted by `weights` `[*B, L]`: pooled over the levels for a shared codebook, level by
+    level otherwise."""
+    d = searched.shape[-1]
+    dtype = torch.promote_types(searched.dtype, torch.float32)
+    vectors = searched.detach().to(dtype).reshape(-1, cfg.levels, d)
+    level_codes = codes.reshape(-1, cfg.levels).long()
+    w = weights.reshape(-1, cfg.levels).to(dtype)
+    if cfg.share:
+        vectors, level_codes, w = (
+            vectors.reshape(1, -1, d),
+            level_codes.reshape(1, -1),
+            w.reshape(1, -1),
+        )
+    else:
+        vectors, level_codes, w = vectors.transpose(0, 1), level_codes.t(), w.t()
+    k = cfg.layout.codes_per_book
+    counts = w.new_zeros(w.shape[0], k).scatter_add(1, level_codes, w)
+    weighted = vectors * w.unsqueeze(-1)
+    index = level_codes.unsqueeze(-1).expand(weighted.shape)
+    sums = weighted.new_zeros(w.shape[0], k, d).scatter_add(1, index, weighted)
+    return EMAStatistics(counts, sums)
+
+
+def all_levels(out: ResidualOutput, cfg: ResidualConfig) -> tuple[Tensor, Tensor]:
+    """The residual each level searched `[*B, L, F]` and the codes `[*B, L]`, with the levels
+    that did not run (`n_levels < L`) filled with the last residual and code 0."""
+    n = out.codes.shape[-1]
+    searched = out.residuals[..., :n, :]
+    codes = out.codes
+    if n < cfg.levels:
+        missing = cfg.levels - n
+        last = out.residuals[..., n : n + 1, :]
+        searched = torch.cat([searched, last.expand(*last.shape[:-2], missing, -1)], -2)
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], missing)], -1)
+    return searched, codes
+
+
+def levels_reached(out: ResidualOutput, cfg: ResidualConfig) -> Tensor:
+    """`[L + 1]` float32: how many rows reached each level (`depth > level`), then the number
+    of rows."""
+    depth = out.depth.reshape(-1, 1)
+    levels = torch.arange(cfg.levels, device=depth.device)
+    reached = (depth > levels).sum(0)
+    total = reached.new_full((1,), depth.shape[0])
+    return torch.cat([reached, total]).to(torch.float32)

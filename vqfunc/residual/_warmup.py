@@ -7,17 +7,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vqfunc._params import VQParams
+from vqfunc._params import AnyParams, ResidualParams, VQParams
 from vqfunc._search import nearest_codes
 from vqfunc._warmup import WarmupMethod, fit_codes, fit_params
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._projected import project_in, project_out, search
 
 if TYPE_CHECKING:
     from vqfunc.distributed import WarmupSync
 
 
 def warmup_params(
-    params: VQParams,
+    params: VQParams | ResidualParams,
     x: Tensor,
     cfg: ResidualConfig,
     *,
@@ -26,7 +27,7 @@ def warmup_params(
     kmeans_iters: int = 20,
     mask: Tensor | None = None,
     sync: WarmupSync | None = None,
-) -> VQParams:
+) -> VQParams | ResidualParams:
     """New params whose codebooks are fitted to the vectors of `x`, level after level.
 
     Level `i` is fitted (with `vqfunc.warmup_params`'s `method`) to the residuals that the
@@ -73,21 +74,36 @@ def warmup_params(
 
 
 def fit_levels(
+    params: AnyParams,
     rows: Tensor,
     cfg: ResidualConfig,
     method: WarmupMethod,
     generator: torch.Generator | None,
     kmeans_iters: int,
 ) -> Tensor:
-    """Effective codes of shape `cfg.codebook_shape` fitted to finite rows `[M, F]`."""
+    """Effective codes of shape `cfg.codebook_shape` fitted to finite rows `[M, F]`.
+
+    With per-level sizes, level `i` fits `cfg.level_sizes[i]` codes and the padding rows of its
+    storage are zeros (they are never searched). With projections (`ResidualParams`), level `i`
+    fits its codes to the projected residuals `r @ W_in + b_in` and subtracts the projected code.
+    """
     residual, pooled, fitted = rows, [], []
     k = cfg.codes_per_book
-    for _ in range(cfg.levels):
-        level_codes = fit_codes(residual, k, cfg, method, generator, kmeans_iters)
-        codes, _ = nearest_codes(residual, level_codes)
-        pooled.append(residual)
-        fitted.append(level_codes)
-        residual = residual - level_codes[codes]
+    for level, size in enumerate(cfg.level_sizes):
+        if isinstance(params, ResidualParams):
+            e = project_in(params, residual, level)
+            level_codes = fit_codes(e, size, cfg, method, generator, kmeans_iters)
+            codes, _ = search(e, level_codes, cfg)
+            pooled.append(e)
+            step = project_out(params, level_codes[codes], level)
+        else:
+            level_codes = fit_codes(residual, size, cfg, method, generator, kmeans_iters)
+            codes, _ = nearest_codes(residual, level_codes)
+            pooled.append(residual)
+            step = level_codes[codes]
+        padding = level_codes.new_zeros(k - size, level_codes.shape[-1])
+        fitted.append(torch.cat([level_codes, padding]))
+        residual = residual - step
     if cfg.share:
         return fit_codes(torch.cat(pooled), k, cfg, method, generator, kmeans_iters)
     return torch.stack(fitted)
