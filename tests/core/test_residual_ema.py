@@ -18,10 +18,13 @@ def _reference_step(
     x: torch.Tensor,
     weights: torch.Tensor,
     cfg: vqfunc.residual.ResidualConfig,
+    depth: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One EMA step in float64, written level by level with explicit loops over the rows.
 
     `books`, `counts`, `sums`: `[num_books, K, F]`, `[num_books, K]`, `[num_books, K, F]`.
+    With `depth` `[N]`, row `i` counts only at levels below `depth[i]`, and a separate
+    codebook that no row reached keeps its averages.
     """
     decay, eps = cfg.ema_decay, cfg.ema_eps
     num_books, k, f = books.shape
@@ -32,14 +35,21 @@ def _reference_step(
         b = 0 if cfg.share else level
         for row in range(x.shape[0]):
             code = int(((residual[row] - books[b]) ** 2).sum(-1).argmin())
-            n[b, code] += weights[row]
-            s[b, code] += weights[row] * residual[row]
+            if depth is None or level < int(depth[row]):
+                n[b, code] += weights[row]
+                s[b, code] += weights[row] * residual[row]
             residual[row] = residual[row] - books[b, code]
     new_counts = decay * counts + (1 - decay) * n
     new_sums = decay * sums + (1 - decay) * s
     total = new_counts.sum(-1, keepdim=True)
     smoothed = (new_counts + eps) / (total + k * eps) * total
-    return new_counts, new_sums, new_sums / smoothed.unsqueeze(-1)
+    new_books = new_sums / smoothed.unsqueeze(-1)
+    if depth is not None and not cfg.share:
+        ran = (torch.arange(cfg.levels) < depth.max()).view(-1, 1)
+        new_counts = torch.where(ran, new_counts, counts)
+        new_sums = torch.where(ran.unsqueeze(-1), new_sums, sums)
+        new_books = torch.where(ran.unsqueeze(-1), new_books, books)
+    return new_counts, new_sums, new_books
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -66,6 +76,33 @@ def test_two_steps_match_the_level_by_level_reference(share: bool, masked: bool)
         torch.testing.assert_close(state.ema.counts, counts)
         torch.testing.assert_close(state.ema.sums, sums)
         torch.testing.assert_close(params.codebook.reshape(cfg.num_books, k, 3), books)
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("deepest", [2, 4])
+def test_each_row_counts_only_at_the_levels_its_depth_reached(share: bool, deepest: int) -> None:
+    # Quantizer dropout's per-row depth: a row adds to the statistics of its first `depth`
+    # levels only; with `deepest < levels`, the last levels ran for no row and keep theirs.
+    cfg = RC(
+        feature_size=3, num_codes=8 if share else 16, levels=4, share=share, dim=-1,
+        ema_decay=0.6, ema_eps=1e-3,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    params = vqfunc.residual.init_params(cfg, generator=g, dtype=torch.float64)
+    state = vqfunc.residual.init_state(params, cfg)
+    k = cfg.codes_per_book
+    books = params.codebook.reshape(cfg.num_books, k, 3).clone()
+    counts = torch.ones(cfg.num_books, k, dtype=torch.float64)
+    sums = books.clone()
+    x = torch.randn(11, 3, generator=g, dtype=torch.float64)
+    depth = torch.randint(1, deepest + 1, (11,), generator=g)
+    mask = torch.rand(11, generator=g) > 0.2
+    counts, sums, books = _reference_step(books, counts, sums, x, mask.double(), cfg, depth)
+    _, out = vqfunc.residual.quantize(params, x, cfg, mask=mask, depth=depth)
+    params, state = vqfunc.residual.update_state(params, state, out, cfg, mask=mask)
+    torch.testing.assert_close(state.ema.counts, counts)
+    torch.testing.assert_close(state.ema.sums, sums)
+    torch.testing.assert_close(params.codebook.reshape(cfg.num_books, k, 3), books)
 
 
 def test_non_finite_rows_change_nothing() -> None:
