@@ -74,12 +74,25 @@ def test_fewer_levels_match_its_n_q(n_q: int) -> None:
     with torch.no_grad():
         quantized, indices, _ = ref(x, n_q=n_q)
         encoded = ref.encode(x, n_q=n_q)
-    cfg, params = _vqfunc_copy(ref, n_q)  # its first n_q codebooks
-    z_q, out = vqfunc.residual.quantize(params, x, cfg)
-    assert indices.shape[0] == n_q
+        decoded = ref.decode(encoded)
+    # The full 8-level copy, asked for n_q levels at quantize and at dequantize time.
+    cfg, params = _vqfunc_copy(ref, 8)
+    z_q, out = vqfunc.residual.quantize(params, x, cfg, n_levels=n_q)
+    assert indices.shape[0] == n_q and out.codes.shape[-1] == n_q
     assert torch.equal(out.codes.permute(2, 0, 1), indices)
     assert torch.equal(out.codes.permute(2, 0, 1), encoded)
     torch.testing.assert_close(z_q, quantized, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        vqfunc.residual.dequantize(params, out.codes, cfg, n_levels=n_q), decoded
+    )
+    # Decoding the first n_q of the full codes gives the same.
+    _, full = vqfunc.residual.quantize(params, x, cfg)
+    torch.testing.assert_close(
+        vqfunc.residual.dequantize(params, full.codes, cfg, n_levels=n_q), decoded
+    )
+    # And so does a config of n_q levels holding the first n_q codebooks.
+    small_cfg, small = _vqfunc_copy(ref, n_q)
+    assert torch.equal(vqfunc.residual.quantize(small, x, small_cfg)[1].codes, out.codes)
 
 
 def _float64_ema_step(
