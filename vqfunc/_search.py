@@ -81,7 +81,7 @@ def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
             if codes is not None:
                 return codes, _exact_distances(vectors, codebook, codes)
         elif uses_cpu_kernel(vectors, codebook):
-            return _cpu_kernel.nearest_codes_f32(vectors, codebook)
+            return _cpu_kernel.nearest_codes_f32(vectors, codebook, _policy.cpu_isa())
     # Half inputs arrive here only from CUDA (see `_keeps_input_dtype`): search in float32.
     dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
     vectors, codebook = vectors.to(dtype), codebook.to(dtype)

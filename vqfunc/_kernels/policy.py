@@ -1,11 +1,14 @@
 """Which backend runs: the one place that decides, read from the environment once.
 
-Two settings, process-wide (not per thread, so autograd's worker threads see the same):
+Three settings, process-wide (not per thread, so autograd's worker threads see the same):
 
 - `cpu`: `"compiled"` (the default: the C kernels of `csrc/` for float32 CPU tensors when they
   build and load, else torch with a warning, once), `"torch"` (never the C kernels) or
   `"require"` (the C kernels or an error: a fallback raises instead of warning).
   `VQFUNC_CPU_KERNEL=1|0|require` sets the initial value.
+- `cpu_isa`: which ISA path the C kernels take: `"auto"` (the default: the fastest this CPU
+  runs), `"avx512"`, `"avx2"` or `"portable"` (plain C with vector extensions, any CPU); a
+  path the CPU lacks is an error when a kernel runs. `VQFUNC_CPU_ISA` sets the initial value.
 - `cuda`: `"torch"` (the default) or `"triton"` (the fused Triton search, when Triton imports;
   else torch with a warning, once). `VQFUNC_TRITON=1|0` sets the initial value. torch stays the
   default until a GPU benchmark has shown the Triton kernel ahead of it.
@@ -31,6 +34,7 @@ from vqfunc._kernels import triton_search as _triton_search
 
 CPU_CHOICES = ("compiled", "torch", "require")
 CUDA_CHOICES = ("torch", "triton")
+CPU_ISA_CHOICES = ("auto", *_cpu_kernel.ISA_PATHS[::-1])
 _CPU_ENVIRONMENT = {"1": "compiled", "0": "torch", "require": "require"}
 _CUDA_ENVIRONMENT = {"1": "triton", "0": "torch"}
 OPERATIONS = ("nearest_codes", "straight_through")
@@ -38,10 +42,12 @@ OPERATIONS = ("nearest_codes", "straight_through")
 
 @dataclass(frozen=True)
 class Settings:
-    """The backend choices in force: `cpu` in `CPU_CHOICES`, `cuda` in `CUDA_CHOICES`."""
+    """The backend choices in force: `cpu` in `CPU_CHOICES`, `cuda` in `CUDA_CHOICES`,
+    `cpu_isa` in `CPU_ISA_CHOICES`."""
 
     cpu: str = "compiled"
     cuda: str = "torch"
+    cpu_isa: str = "auto"
 
 
 def _from_environment() -> Settings:
@@ -55,7 +61,14 @@ def _from_environment() -> Settings:
     if cuda not in _CUDA_ENVIRONMENT:
         warnings.warn(f"VQFUNC_TRITON={cuda!r} is not one of 0, 1; using 0", stacklevel=2)
         cuda = "0"
-    return Settings(cpu=_CPU_ENVIRONMENT[cpu], cuda=_CUDA_ENVIRONMENT[cuda])
+    isa = os.environ.get("VQFUNC_CPU_ISA", "auto").strip().lower() or "auto"
+    if isa not in CPU_ISA_CHOICES:
+        warnings.warn(
+            f"VQFUNC_CPU_ISA={isa!r} is not one of {', '.join(CPU_ISA_CHOICES)}; using auto",
+            stacklevel=2,
+        )
+        isa = "auto"
+    return Settings(cpu=_CPU_ENVIRONMENT[cpu], cuda=_CUDA_ENVIRONMENT[cuda], cpu_isa=isa)
 
 
 _settings = _from_environment()
@@ -69,19 +82,31 @@ def settings() -> Settings:
 
 
 @contextlib.contextmanager
-def use(cpu: str | None = None, cuda: str | None = None) -> Iterator[Settings]:
-    """Run the `with` block with these backend choices (None keeps the current one)."""
+def use(
+    cpu: str | None = None, cuda: str | None = None, cpu_isa: str | None = None
+) -> Iterator[Settings]:
+    """Run the `with` block with these backend choices (None keeps the current one).
+
+    A `cpu_isa` path that this CPU lacks raises `RuntimeError` here, before the block runs
+    (when the compiled kernels are available).
+    """
     global _settings
     if cpu is not None and cpu not in CPU_CHOICES:
         raise ValueError(f"cpu: expected one of {CPU_CHOICES}, got {cpu!r}")
     if cuda is not None and cuda not in CUDA_CHOICES:
         raise ValueError(f"cuda: expected one of {CUDA_CHOICES}, got {cuda!r}")
+    if cpu_isa is not None:
+        if cpu_isa not in CPU_ISA_CHOICES:
+            raise ValueError(f"cpu_isa: expected one of {CPU_ISA_CHOICES}, got {cpu_isa!r}")
+        if cpu_isa != "auto" and _cpu_kernel.available():
+            _cpu_kernel.isa_number(cpu_isa)  # raises for a path this CPU lacks
     with _lock:
         previous = _settings
         _settings = replace(
             previous,
             **({} if cpu is None else {"cpu": cpu}),
             **({} if cuda is None else {"cuda": cuda}),
+            **({} if cpu_isa is None else {"cpu_isa": cpu_isa}),
         )
         current = _settings
     try:
@@ -89,6 +114,20 @@ def use(cpu: str | None = None, cuda: str | None = None) -> Iterator[Settings]:
     finally:
         with _lock:
             _settings = previous
+
+
+def cpu_isa() -> str:
+    """The ISA path the compiled CPU kernels take now (one of `cpu.ISA_PATHS`): the chosen
+    one, or with `cpu_isa="auto"` the fastest this CPU runs. Requires the kernels; raises
+    `RuntimeError` when the chosen path does not run on this CPU."""
+    choice = _settings.cpu_isa
+    if choice == "auto":
+        return _cpu_kernel.best_isa()
+    try:
+        _cpu_kernel.isa_number(choice)
+    except RuntimeError as error:
+        raise RuntimeError(f"{error} (VQFUNC_CPU_ISA={choice} or use(cpu_isa={choice!r}))") from None
+    return choice
 
 
 def _fall_back(key: str, message: str, *, strict: bool) -> None:
@@ -164,7 +203,14 @@ def _cpu_entry(dtype: torch.dtype, operation: str) -> tuple[str, str]:
         return "torch", f"the compiled kernels are not available: {_cpu_kernel.failure()}"
     where = _cpu_kernel.location()
     note = "in float32" if dtype != torch.float32 else "float32"
-    return "compiled", f"{note}, {where}"
+    try:
+        isa = cpu_isa()
+    except RuntimeError as error:
+        return "compiled", f"{note}, {where}; but {error}"
+    if operation == "straight_through" and isa == "avx512":
+        isa = "avx512 (its AVX2 code: the straight-through is bound by memory)"
+    chosen = "chosen" if _settings.cpu_isa != "auto" else f"the fastest of {', '.join(_cpu_kernel.isa_paths())}"
+    return "compiled", f"{note}, {isa} path ({chosen}), {where}"
 
 
 def _cuda_entry(dtype: torch.dtype, operation: str) -> tuple[str, str]:
