@@ -38,6 +38,31 @@ INLINE VF PATH(select)(VI mask, VF a, VF b) {
     return (VF)((mask & (VI)a) | (~mask & (VI)b));
 }
 
+/* 0, 1, ..., LANES - 1. */
+INLINE VI PATH(iota)(void) {
+    VI v;
+#pragma GCC unroll 16
+    for (int l = 0; l < LANES; ++l) v[l] = l;
+    return v;
+}
+/* Lane-wise minimum of int vectors. */
+INLINE VI PATH(imin)(VI a, VI b) {
+    const VI lt = a < b;
+    return (lt & a) | (~lt & b);
+}
+/* The minimum of the lanes of v in every lane: a butterfly of shuffles. */
+INLINE VF PATH(all_min)(VF v) {
+#pragma GCC unroll 8
+    for (int s = LANES / 2; s >= 1; s /= 2) v = V_MIN(__builtin_shuffle(v, PATH(iota)() ^ s), v);
+    return v;
+}
+INLINE VI PATH(all_imin)(VI v) {
+#pragma GCC unroll 8
+    for (int s = LANES / 2; s >= 1; s /= 2)
+        v = PATH(imin)(__builtin_shuffle(v, PATH(iota)() ^ s), v);
+    return v;
+}
+
 /* First code of group g whose score for row x equals `target`, or -1. */
 INLINE int64_t PATH(rescan_panels)(const float *x, int64_t d, const float *packed,
                                    const float *half_norms, int64_t gp, int64_t g,
@@ -53,10 +78,17 @@ INLINE int64_t PATH(rescan_panels)(const float *x, int64_t d, const float *packe
                 a[p * VPP + v] =
                     a[p * VPP + v] - xj * PATH(load)(pp + p * d * PANEL + j * PANEL + v * LANES);
     }
-    for (int v = 0; v < gp * VPP; ++v)
-        for (int l = 0; l < LANES; ++l)
-            if (a[v][l] == target) return g * gp * PANEL + v * LANES + l;
-    return -1;
+    /* The smallest code whose score equals the target, with vector compares. */
+    const VF want = PATH(splat)(target);
+    const VI none = INT32_MAX + (VI){0};
+    VI first = none;
+    for (int v = 0; v < gp * VPP; ++v) {
+        const VI eq = a[v] == want;
+        const VI code = PATH(iota)() + (int32_t)(g * gp * PANEL + v * LANES);
+        first = PATH(imin)(first, (eq & code) | (~eq & none));
+    }
+    const int32_t code = PATH(all_imin)(first)[0];
+    return code == INT32_MAX ? -1 : code;
 }
 
 /* rescan_panels with gp a compile-time constant, so that its accumulators stay in registers. */
@@ -75,15 +107,14 @@ PATH_TARGET static int64_t PATH(rescan_group)(const float *x, int64_t d, const f
 
 /* The minimum v of a row's lane minima, and the first group g holding it (the smallest group
  * among the lanes that hold v). Lane minima are never NaN. */
-static inline void PATH(row_minimum)(const float *best, const int32_t *best_group, float *v,
-                                     int32_t *g) {
-    float m = best[0];
-    for (int l = 1; l < LANES; ++l) m = best[l] < m ? best[l] : m;
-    int32_t first = INT32_MAX;
-    for (int l = 0; l < LANES; ++l)
-        if (best[l] == m && best_group[l] < first) first = best_group[l];
-    *v = m;
-    *g = first;
+INLINE void PATH(row_minimum)(const float *best, const int32_t *best_group, float *v,
+                              int32_t *g) {
+    const VF b = PATH(load)(best);
+    const VF m = PATH(all_min)(b);
+    const VI holds = b == m;
+    const VI groups = (holds & PATH(loadi)(best_group)) | (~holds & (INT32_MAX + (VI){0}));
+    *v = m[0];
+    *g = PATH(all_imin)(groups)[0];
 }
 
 /* Fold one group's lane minima m into best / best_group (branch-free). */
