@@ -124,12 +124,13 @@ static float vq_distance(const float *x, const float *c, int64_t d) {
 #undef FMA_CHAINS
 #undef V_MIN
 
-/* AVX-512: 32 zmm registers, a tile of 8 rows x 32 codes. */
+/* AVX-512: 32 zmm registers, a tile of 6 rows x 64 codes (24 accumulators, 4 code vectors,
+ * the row values broadcast from memory by the FMAs themselves). */
 #define PATH(name) name##_avx512
 #define PATH_TARGET VQ_TARGET_AVX512
 #define LANES 16
-#define TILE_ROWS 8
-#define TILE_PANELS 2
+#define TILE_ROWS 6
+#define TILE_PANELS 4
 #define FMA_CHAINS 24
 #define V_MIN(a, b) ((PATH(vf))_mm512_min_ps((a), (b)))
 #include "nearest_path.h"
