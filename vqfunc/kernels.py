@@ -2,9 +2,10 @@
 
 vqfunc has two hot paths with compiled implementations: the nearest-code search and the fused
 straight-through output with its commitment loss. On CPU, float32 tensors go to C kernels
-(AVX-512, AVX2 + FMA or portable C, chosen from the CPU's features; OpenMP), built when the package is built or, failing that, on first use with the
-system C compiler; everything else runs in torch. On CUDA torch is the default; the fused
-Triton search runs only when asked for, until a GPU benchmark has shown it ahead of torch.
+(AVX-512, AVX2 + FMA or portable C, chosen from the CPU's features; OpenMP), built when the
+package is built or, failing that, on first use with the system C compiler; everything else
+runs in torch. On CUDA torch is the default; the fused Triton search runs only when asked for,
+until a GPU benchmark has shown it ahead of torch.
 
 Initial choices come from the environment, read once at import:
 
@@ -41,7 +42,16 @@ from vqfunc._kernels.policy import (
 )
 from vqfunc._kernels.policy import describe as _describe
 
-__all__ = ["CPU_CHOICES", "CPU_ISA_CHOICES", "CUDA_CHOICES", "Backend", "Settings", "settings", "status", "use"]
+__all__ = [
+    "CPU_CHOICES",
+    "CPU_ISA_CHOICES",
+    "CUDA_CHOICES",
+    "Backend",
+    "Settings",
+    "settings",
+    "status",
+    "use",
+]
 
 
 def status() -> tuple[Backend, ...]:

@@ -52,8 +52,18 @@ def _search(isa: str, vectors: torch.Tensor, codebook: torch.Tensor) -> tuple[to
 
 # Shapes that reach every specialised dimension, the generic one, the large-d panel sweep,
 # short last tiles and several code blocks.
-SHAPES = [(37, 1, 5), (50, 4, 70), (301, 8, 200), (97, 16, 64), (250, 32, 1030), (61, 33, 130),
-          (130, 64, 300), (45, 70, 77), (30, 128, 90), (19, 256, 300)]
+SHAPES = [
+    (37, 1, 5),
+    (50, 4, 70),
+    (301, 8, 200),
+    (97, 16, 64),
+    (250, 32, 1030),
+    (61, 33, 130),
+    (130, 64, 300),
+    (45, 70, 77),
+    (30, 128, 90),
+    (19, 256, 300),
+]
 
 
 @needs_kernel
@@ -122,17 +132,17 @@ def test_straight_through_matches_float64(isa: str, weighted: bool) -> None:
     codes = torch.randint(0, 40, (300,), generator=g)
     weights = torch.rand(300, generator=g) if weighted else None
     with vqfunc.kernels.use(cpu="require", cpu_isa=isa):
-        out, _, loss = _fused.straight_through_with_loss(
-            z, book, codes, beta=0.25, weights=weights
-        )
+        out, _, loss = _fused.straight_through_with_loss(z, book, codes, beta=0.25, weights=weights)
         (out * torch.linspace(-1, 1, 13)).sum().add(loss).backward()
     z64 = z.detach().double().requires_grad_(True)
     book64 = book.detach().double().requires_grad_(True)
     q = book64[codes]
     w = torch.ones(300, dtype=torch.float64) if weights is None else weights.double()
     count = max(float(w.sum()) * 13, 1.0)
-    loss64 = (0.75 * (w * ((z64 - q.detach()) ** 2).sum(1)).sum()
-              + 0.25 * (w * ((z64.detach() - q) ** 2).sum(1)).sum()) / count
+    loss64 = (
+        0.75 * (w * ((z64 - q.detach()) ** 2).sum(1)).sum()
+        + 0.25 * (w * ((z64.detach() - q) ** 2).sum(1)).sum()
+    ) / count
     out64 = z64 + (q - z64).detach()
     (out64 * torch.linspace(-1, 1, 13).double()).sum().add(loss64).backward()
     torch.testing.assert_close(out.detach().double(), out64.detach())
@@ -152,7 +162,8 @@ def test_fma_probe_reports_a_positive_rate(isa: str) -> None:
 def test_status_names_the_path_in_use(isa: str) -> None:
     with vqfunc.kernels.use(cpu_isa=isa):
         entry = next(
-            e for e in vqfunc.kernels.status()
+            e
+            for e in vqfunc.kernels.status()
             if (e.device, e.dtype, e.operation) == ("cpu", "float32", "nearest_codes")
         )
     assert entry.backend == "compiled"
@@ -163,7 +174,8 @@ def test_status_names_the_path_in_use(isa: str) -> None:
 def test_auto_takes_the_fastest_path() -> None:
     with vqfunc.kernels.use(cpu_isa="auto"):
         entry = next(
-            e for e in vqfunc.kernels.status()
+            e
+            for e in vqfunc.kernels.status()
             if (e.device, e.dtype, e.operation) == ("cpu", "float32", "nearest_codes")
         )
     assert f"{_cpu_kernel.isa_paths()[-1]} path" in entry.reason
@@ -171,9 +183,9 @@ def test_auto_takes_the_fastest_path() -> None:
 
 
 def test_an_unknown_path_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="cpu_isa: expected one of .* got 'sse9'"):
-        with vqfunc.kernels.use(cpu_isa="sse9"):
-            pass
+    refused = pytest.raises(ValueError, match=r"cpu_isa: expected one of .* got 'sse9'")
+    with refused, vqfunc.kernels.use(cpu_isa="sse9"):
+        pass
 
 
 @needs_kernel
@@ -181,9 +193,9 @@ def test_a_path_the_cpu_lacks_is_a_clear_error() -> None:
     missing = [isa for isa in PATHS if isa not in _cpu_kernel.isa_paths()]
     if not missing:
         pytest.skip("this CPU runs every path")
-    with pytest.raises(RuntimeError, match=f"the {missing[0]} kernel path does not run"):
-        with vqfunc.kernels.use(cpu_isa=missing[0]):
-            pass
+    refused = pytest.raises(RuntimeError, match=f"the {missing[0]} kernel path does not run")
+    with refused, vqfunc.kernels.use(cpu_isa=missing[0]):
+        pass
 
 
 @needs_kernel

@@ -126,7 +126,9 @@ def cpu_isa() -> str:
     try:
         _cpu_kernel.isa_number(choice)
     except RuntimeError as error:
-        raise RuntimeError(f"{error} (VQFUNC_CPU_ISA={choice} or use(cpu_isa={choice!r}))") from None
+        raise RuntimeError(
+            f"{error} (VQFUNC_CPU_ISA={choice} or use(cpu_isa={choice!r}))"
+        ) from None
     return choice
 
 
@@ -209,7 +211,11 @@ def _cpu_entry(dtype: torch.dtype, operation: str) -> tuple[str, str]:
         return "compiled", f"{note}, {where}; but {error}"
     if operation == "straight_through" and isa == "avx512":
         isa = "avx512 (its AVX2 code: the straight-through is bound by memory)"
-    chosen = "chosen" if _settings.cpu_isa != "auto" else f"the fastest of {', '.join(_cpu_kernel.isa_paths())}"
+    chosen = (
+        "chosen"
+        if _settings.cpu_isa != "auto"
+        else f"the fastest of {', '.join(_cpu_kernel.isa_paths())}"
+    )
     return "compiled", f"{note}, {isa} path ({chosen}), {where}"
 
 

@@ -155,7 +155,8 @@ def format_table(rows: Sequence[Row]) -> str:
     head = (
         f"{'N':>8} {'D':>4} {'K':>6} | {'floor ms':>9} {'peak ms':>8} | {'search ms':>9} "
         f"{'/floor':>6} {'/peak':>5} {'/faiss':>6} | {'faiss ms':>9} {'/floor':>6} | "
-        f"{'cdist ms':>9} {'/floor':>6} | {'fwd ms':>9} {'/srch':>5} {'fwd+bwd':>9} {'/fwd':>5} | {'peak MiB: search':>16} "
+        f"{'cdist ms':>9} {'/floor':>6} | {'fwd ms':>9} {'/srch':>5} {'fwd+bwd':>9} {'/fwd':>5} | "
+        f"{'peak MiB: search':>16} "
         f"{'quantize':>8} {'cdist':>8} {'faiss':>8} | agree"
     )
     lines = [head, "-" * len(head)]
