@@ -5,7 +5,7 @@ Euclidean nearest codes, ranked by `||c||^2 / 2 - z.c` (the same argmin as `||z 
 
 Three implementations give the same codes (ties aside):
 
-- a fused distance + argmin kernel for float32 on x86-64 CPUs with AVX2 and FMA
+- a fused distance + argmin kernel for float32 on CPUs (AVX-512, AVX2 + FMA or portable paths)
   (`vqfunc/_kernels/csrc/nearest.c`, built by `vqfunc/_kernels/cpu.py`): it keeps a
   running minimum in registers and never writes a score to memory, so small code dimensions are
   not memory-bound;
