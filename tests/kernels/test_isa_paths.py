@@ -6,14 +6,17 @@ A path this CPU lacks is skipped with the reason; where it runs, nothing is skip
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from support.reference import assert_nearest, brute_force
 
 import vqfunc
+from vqfunc._kernels import build as _build
 from vqfunc._kernels import cpu as _cpu_kernel
 from vqfunc._kernels import straight_through as _fused
 from vqfunc._search import nearest_codes, uses_cpu_kernel
@@ -218,3 +221,33 @@ def test_environment_variable_chooses_the_path(value: str) -> None:
         assert (chosen, running) == ("portable", "portable")
     else:
         assert chosen == "auto" and "VQFUNC_CPU_ISA='bogus'" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler on PATH"
+)
+def test_the_portable_path_builds_for_aarch64(tmp_path: Path) -> None:
+    # Built from the package's own sources with the package's own command line and flags.
+    for name, text in _build.source_files().items():
+        (tmp_path / name).write_bytes(text)
+    out = tmp_path / "cpu_kernels.so"
+    flags = (*_build.FLAGS, *_build.OPENMP_FLAGS, "-Wall", "-Werror")
+    command = _build.compile_command("aarch64-linux-gnu-gcc", flags, tmp_path, out)
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    assert out.read_bytes()[:4] == b"\x7fELF" and out.read_bytes()[18] == 183  # EM_AARCH64
+    symbols = subprocess.run(
+        ["aarch64-linux-gnu-nm", "-D", "--defined-only", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for name in (
+        "vq_nearest_f32",
+        "vq_pack_f32",
+        "vq_isa_available",
+        "vq_fma_probe",
+        "vq_st_forward_f32",
+        "vq_st_backward_f32",
+    ):
+        assert f" T {name}\n" in symbols
