@@ -23,4 +23,14 @@ with vqfunc.kernels.use(cpu="torch"):
 assert torch.equal(out.codes, want.codes)
 torch.testing.assert_close(z_q, want_z_q)
 torch.testing.assert_close(out.loss, want.loss)
+# The one library carries every ISA path; each that this CPU runs gives the same codes.
+for isa in vqfunc.kernels.CPU_ISA_CHOICES[1:]:
+    try:
+        with vqfunc.kernels.use(cpu_isa=isa):
+            _, forced = vqfunc.quantize(params, x, cfg)
+    except RuntimeError as error:
+        print(f"{isa}: {error}")
+        continue
+    assert torch.equal(forced.codes, want.codes), isa
+    print(f"{isa}: the same codes")
 print("CI: the wheel's compiled kernels load without a compiler and match the torch path")

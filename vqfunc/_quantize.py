@@ -78,7 +78,13 @@ _MIN_NORM = 1e-12
 def valid_rows(rows: Tensor, cosine: bool) -> Tensor:
     """`[M]` bool: rows `[M, G, d]` whose entries are all finite (and, for cosine, whose every
     group has a norm above `_MIN_NORM`)."""
-    valid = torch.isfinite(rows).flatten(1).all(-1)
+    if rows.shape[-1] > 0:
+        # One pass over the rows: their extremes are finite exactly when every entry is (a
+        # NaN propagates to both), and only the small [M, G] extremes are tested.
+        low, high = torch.aminmax(rows, dim=-1)
+        valid = (torch.isfinite(low) & torch.isfinite(high)).flatten(1).all(-1)
+    else:
+        valid = torch.isfinite(rows).flatten(1).all(-1)
     if cosine:
         valid = valid & (rows.norm(dim=-1) > _MIN_NORM).all(-1)
     return valid

@@ -5,7 +5,7 @@ Euclidean nearest codes, ranked by `||c||^2 / 2 - z.c` (the same argmin as `||z 
 
 Three implementations give the same codes (ties aside):
 
-- a fused distance + argmin kernel for float32 on x86-64 CPUs with AVX2 and FMA
+- a fused distance + argmin kernel for float32 on CPUs (AVX-512, AVX2 + FMA or portable paths)
   (`vqfunc/_kernels/csrc/nearest.c`, built by `vqfunc/_kernels/cpu.py`): it keeps a
   running minimum in registers and never writes a score to memory, so small code dimensions are
   not memory-bound;
@@ -81,7 +81,7 @@ def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
             if codes is not None:
                 return codes, _exact_distances(vectors, codebook, codes)
         elif uses_cpu_kernel(vectors, codebook):
-            return _cpu_kernel.nearest_codes_f32(vectors, codebook)
+            return _cpu_kernel.nearest_codes_f32(vectors, codebook, _policy.cpu_isa())
     # Half inputs arrive here only from CUDA (see `_keeps_input_dtype`): search in float32.
     dtype = search_dtype(torch.promote_types(vectors.dtype, codebook.dtype))
     vectors, codebook = vectors.to(dtype), codebook.to(dtype)

@@ -2,14 +2,17 @@
 
 vqfunc has two hot paths with compiled implementations: the nearest-code search and the fused
 straight-through output with its commitment loss. On CPU, float32 tensors go to C kernels
-(AVX2 + FMA, OpenMP), built when the package is built or, failing that, on first use with the
-system C compiler; everything else runs in torch. On CUDA torch is the default; the fused
-Triton search runs only when asked for, until a GPU benchmark has shown it ahead of torch.
+(AVX-512, AVX2 + FMA or portable C, chosen from the CPU's features; OpenMP), built when the
+package is built or, failing that, on first use with the system C compiler; everything else
+runs in torch. On CUDA torch is the default; the fused Triton search runs only when asked for,
+until a GPU benchmark has shown it ahead of torch.
 
 Initial choices come from the environment, read once at import:
 
 - `VQFUNC_CPU_KERNEL=1` (default): the compiled kernels when they build and load, else torch
   with a warning (once); `0`: torch; `require`: the compiled kernels or an error.
+- `VQFUNC_CPU_ISA=auto` (default): the fastest ISA path of the C kernels this CPU runs;
+  `avx512`, `avx2` or `portable` (plain C, any CPU) force one (a path the CPU lacks is an error).
 - `VQFUNC_TRITON=0` (default): torch on CUDA; `1`: the Triton search when Triton imports.
 
 `use` changes them for a `with` block (the setting is process-wide, not per thread), and
@@ -28,10 +31,27 @@ with vqfunc.kernels.use(cpu="torch"):
 
 from __future__ import annotations
 
-from vqfunc._kernels.policy import CPU_CHOICES, CUDA_CHOICES, Backend, Settings, settings, use
+from vqfunc._kernels.policy import (
+    CPU_CHOICES,
+    CPU_ISA_CHOICES,
+    CUDA_CHOICES,
+    Backend,
+    Settings,
+    settings,
+    use,
+)
 from vqfunc._kernels.policy import describe as _describe
 
-__all__ = ["CPU_CHOICES", "CUDA_CHOICES", "Backend", "Settings", "settings", "status", "use"]
+__all__ = [
+    "CPU_CHOICES",
+    "CPU_ISA_CHOICES",
+    "CUDA_CHOICES",
+    "Backend",
+    "Settings",
+    "settings",
+    "status",
+    "use",
+]
 
 
 def status() -> tuple[Backend, ...]:

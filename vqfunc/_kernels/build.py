@@ -16,7 +16,7 @@ from pathlib import Path
 CSRC = Path(__file__).with_name("csrc")
 # The search kernel and the straight-through kernels, built together into one library.
 SOURCES = ("nearest.c", "straight_through.c")
-HEADERS = ("vqfunc_kernels.h",)
+HEADERS = ("vqfunc_kernels.h", "nearest_path.h")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
 # OpenMP threads, in the runtime torch loads (libgomp.so.1 on Linux builds, found by its
 # soname); a compiler without OpenMP builds the same kernels single-threaded.

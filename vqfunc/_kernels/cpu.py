@@ -9,10 +9,15 @@ a private temporary directory when there is no home), keyed by a hash of the sou
 compiler and its `--version`, the flags and the target ISA. The cache is trusted only when it
 belongs to this user and is not writable by others; a library is built under a file lock,
 flushed and renamed into place, and loaded only when its size and sha256 match those recorded
-beside it (a truncated one is rebuilt, not mapped). Any failure (no compiler, not x86-64 with
-AVX2 and FMA, an untrusted cache) makes `available()` false, `failure()` says why (with the
+beside it (a truncated one is rebuilt, not mapped). Any failure (no compiler, an untrusted
+cache) makes `available()` false, `failure()` says why (with the
 compiler's own error text), and `vqfunc._kernels.policy` decides whether torch takes over
 (with a warning) or the failure is an error.
+
+One library carries every ISA path of the kernels (`ISA_PATHS`: portable C with GCC vector
+extensions, AVX2 + FMA, AVX-512), each call names the path it runs; `isa_paths()` says which
+this CPU runs (read from its features at run time), so the same library serves any x86-64 CPU
+and, with the portable path alone, any other architecture.
 
 The kernels run on OpenMP threads. Built with `-fopenmp`, the library needs `libgomp.so.1`,
 which the dynamic loader finds already loaded when torch uses the GNU runtime (the Linux
@@ -60,6 +65,8 @@ _STATUS = {
 }
 _FLAGS = _build_spec.FLAGS
 _OPENMP_FLAGS = _build_spec.OPENMP_FLAGS
+# The ISA paths of the kernels, by their number in csrc/vqfunc_kernels.h (VQ_ISA_*).
+ISA_PATHS = ("portable", "avx2", "avx512")
 # Codes per panel and the padding of the codebook (whole groups of panels), as in the C source.
 PANEL = 16
 GROUP = 64
@@ -287,17 +294,23 @@ def _build(compiler: str, flags: tuple[str, ...], *, rebuild: bool = False) -> P
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.vq_supported.restype = c_int
+    lib.vq_isa_available.restype = c_int
+    lib.vq_isa_available.argtypes = [c_int]
+    lib.vq_fma_probe.restype = c_int
+    lib.vq_fma_probe.argtypes = [c_int, i64, c_int, ptr, ptr]  # isa, rounds, threads, out
     lib.vq_pack_f32.restype = None
     lib.vq_pack_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.vq_nearest_f32.restype = c_int
     lib.vq_nearest_f32.argtypes = [
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
         *(ptr, ptr, ptr, i64, c_int),  # center, codes, distances, rows per slice, threads
+        c_int,  # ISA path
     ]
     lib.vq_st_forward_f32.restype = c_int
     lib.vq_st_forward_f32.argtypes = [
         *(ptr, ptr, ptr, ptr, i64, i64, i64),  # z, codebook, codes, weights, num_codes, d, n
         *(ptr, ptr, ptr, i64, c_int),  # out, z_q, partial sums, slices, threads
+        c_int,  # ISA path
     ]
     lib.vq_st_backward_f32.restype = c_int
     lib.vq_st_backward_f32.argtypes = [
@@ -305,6 +318,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(ptr, i64, i64, ptr, i64, i64),  # g and gq with their row and column strides
         *(f32, f32, f32),  # a_z, a_q, nu
         *(ptr, ptr, ptr, i64, c_int),  # grad_z, grad_cb, extra buffers, books, threads
+        c_int,  # ISA path
     ]
 
 
@@ -379,12 +393,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     The library built with the package when it matches the sources, else one built on first
     use into the cache.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"not an x86-64 machine ({platform.machine()}); the kernels need AVX2 + FMA"
     lib, prebuilt_note = _load_prebuilt()
     if lib is not None:
-        if not lib.vq_supported():
-            return None, "this CPU lacks AVX2 or FMA"
         return lib, prebuilt_note
     compiler = _compiler()
     if compiler is None:
@@ -397,8 +407,6 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             errors.append(str(error))
             continue
         _declare(lib)
-        if not lib.vq_supported():
-            return None, "this CPU lacks AVX2 or FMA"
         threads = "OpenMP" if flags != _FLAGS else "single-threaded: the compiler lacks OpenMP"
         return lib, f"built on first use into {path} ({threads})"
     return None, "the build failed: " + " | then without OpenMP: ".join(errors)
@@ -406,6 +414,47 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 def _library() -> ctypes.CDLL | None:
     return _load()[0]
+
+
+def isa_paths() -> tuple[str, ...]:
+    """The ISA paths this CPU runs, slowest first (`"portable"` always); requires `available()`."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
+    return tuple(name for code, name in enumerate(ISA_PATHS) if lib.vq_isa_available(code))
+
+
+def best_isa() -> str:
+    """The fastest ISA path this CPU runs; requires `available()`."""
+    return isa_paths()[-1]
+
+
+def isa_number(isa: str | None) -> int:
+    """The number (`VQ_ISA_*`) of path `isa` (None: the best one); raises when this CPU lacks
+    it, or `isa` is not one of `ISA_PATHS`."""
+    if isa is None:
+        isa = best_isa()
+    if isa not in ISA_PATHS:
+        raise ValueError(f"isa: expected one of {ISA_PATHS}, got {isa!r}")
+    if isa not in isa_paths():
+        raise RuntimeError(
+            f"the {isa} kernel path does not run on this CPU ({platform.machine()}, which runs "
+            f"{', '.join(isa_paths())})"
+        )
+    return ISA_PATHS.index(isa)
+
+
+def fma_probe(isa: str | None = None, threads: int = 1, rounds: int = 1 << 22) -> float:
+    """The rate, in flop/s, of `rounds` rounds of independent multiply-adds (FMAs where the
+    path has them) on the vectors of path `isa` (None: the best one), on `threads` threads at
+    once: the arithmetic limit of that path on these cores. One timed run; repeat and take
+    the best for a stable figure."""
+    lib = library()
+    code = isa_number(isa)
+    flops, seconds = ctypes.c_double(), ctypes.c_double()
+    status = lib.vq_fma_probe(code, rounds, threads, ctypes.byref(flops), ctypes.byref(seconds))
+    check_status(status)
+    return flops.value / max(seconds.value, 1e-9)
 
 
 def failure() -> str:
@@ -484,13 +533,17 @@ def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.profiler.record_function("vqfunc.cpu_kernel.nearest_codes")
-def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+def nearest_codes_f32(
+    vectors: Tensor, codebook: Tensor, isa: str | None = None
+) -> tuple[Tensor, Tensor]:
     """Codes `[N]` int64 of the nearest rows of `codebook` `[K, d]` for `vectors` `[N, d]`,
     and the Euclidean distances `[N]` float32 to them.
 
-    Both float32 on CPU; requires `available()`. Uses up to `max_threads()` threads.
+    Both float32 on CPU; requires `available()`. Uses up to `max_threads()` threads, and the
+    ISA path `isa` (one of `ISA_PATHS`; None: the best one this CPU runs).
     """
     lib = library()
+    isa_code = isa_number(isa)
     _check_matrix("vectors", vectors)
     _check_matrix("codebook", codebook)
     # The kernel reads d floats per row of both: a mismatch would read past the codebook.
@@ -525,7 +578,7 @@ def nearest_codes_f32(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     status = lib.vq_nearest_f32(
         *(x.data_ptr(), n, d, panels.data_ptr(), half_norms.data_ptr(), groups, k),
         *(book.data_ptr(), center.data_ptr(), codes.data_ptr(), distances.data_ptr()),
-        *(rows_per_slice, threads),
+        *(rows_per_slice, threads, isa_code),
     )
     check_status(status)
     return codes, distances

@@ -1,11 +1,14 @@
 """Which backend runs: the one place that decides, read from the environment once.
 
-Two settings, process-wide (not per thread, so autograd's worker threads see the same):
+Three settings, process-wide (not per thread, so autograd's worker threads see the same):
 
 - `cpu`: `"compiled"` (the default: the C kernels of `csrc/` for float32 CPU tensors when they
   build and load, else torch with a warning, once), `"torch"` (never the C kernels) or
   `"require"` (the C kernels or an error: a fallback raises instead of warning).
   `VQFUNC_CPU_KERNEL=1|0|require` sets the initial value.
+- `cpu_isa`: which ISA path the C kernels take: `"auto"` (the default: the fastest this CPU
+  runs), `"avx512"`, `"avx2"` or `"portable"` (plain C with vector extensions, any CPU); a
+  path the CPU lacks is an error when a kernel runs. `VQFUNC_CPU_ISA` sets the initial value.
 - `cuda`: `"torch"` (the default) or `"triton"` (the fused Triton search, when Triton imports;
   else torch with a warning, once). `VQFUNC_TRITON=1|0` sets the initial value. torch stays the
   default until a GPU benchmark has shown the Triton kernel ahead of it.
@@ -31,6 +34,7 @@ from vqfunc._kernels import triton_search as _triton_search
 
 CPU_CHOICES = ("compiled", "torch", "require")
 CUDA_CHOICES = ("torch", "triton")
+CPU_ISA_CHOICES = ("auto", *_cpu_kernel.ISA_PATHS[::-1])
 _CPU_ENVIRONMENT = {"1": "compiled", "0": "torch", "require": "require"}
 _CUDA_ENVIRONMENT = {"1": "triton", "0": "torch"}
 OPERATIONS = ("nearest_codes", "straight_through")
@@ -43,6 +47,8 @@ class Settings:
     Attributes:
         cpu: one of `CPU_CHOICES`.
         cuda: one of `CUDA_CHOICES`.
+        cpu_isa: one of `CPU_ISA_CHOICES`: the ISA path of the compiled CPU kernels (`auto`,
+            the fastest this CPU runs).
         chunk_elements: elements of `z` that the torch straight-through path (every device
             but the compiled CPU kernel) processes at once: it bounds that path's workspace to
             a few temporaries of this many elements (4 MiB each in float32 by default).
@@ -50,6 +56,7 @@ class Settings:
 
     cpu: str = "compiled"
     cuda: str = "torch"
+    cpu_isa: str = "auto"
     chunk_elements: int = 1 << 20
 
 
@@ -64,7 +71,14 @@ def _from_environment() -> Settings:
     if cuda not in _CUDA_ENVIRONMENT:
         warnings.warn(f"VQFUNC_TRITON={cuda!r} is not one of 0, 1; using 0", stacklevel=2)
         cuda = "0"
-    return Settings(cpu=_CPU_ENVIRONMENT[cpu], cuda=_CUDA_ENVIRONMENT[cuda])
+    isa = os.environ.get("VQFUNC_CPU_ISA", "auto").strip().lower() or "auto"
+    if isa not in CPU_ISA_CHOICES:
+        warnings.warn(
+            f"VQFUNC_CPU_ISA={isa!r} is not one of {', '.join(CPU_ISA_CHOICES)}; using auto",
+            stacklevel=2,
+        )
+        isa = "auto"
+    return Settings(cpu=_CPU_ENVIRONMENT[cpu], cuda=_CUDA_ENVIRONMENT[cuda], cpu_isa=isa)
 
 
 _settings = _from_environment()
@@ -79,14 +93,26 @@ def settings() -> Settings:
 
 @contextlib.contextmanager
 def use(
-    cpu: str | None = None, cuda: str | None = None, chunk_elements: int | None = None
+    cpu: str | None = None,
+    cuda: str | None = None,
+    cpu_isa: str | None = None,
+    chunk_elements: int | None = None,
 ) -> Iterator[Settings]:
-    """Run the `with` block with these settings (None keeps the current one; see `Settings`)."""
+    """Run the `with` block with these settings (None keeps the current one; see `Settings`).
+
+    A `cpu_isa` path that this CPU lacks raises `RuntimeError` here, before the block runs
+    (when the compiled kernels are available).
+    """
     global _settings
     if cpu is not None and cpu not in CPU_CHOICES:
         raise ValueError(f"cpu: expected one of {CPU_CHOICES}, got {cpu!r}")
     if cuda is not None and cuda not in CUDA_CHOICES:
         raise ValueError(f"cuda: expected one of {CUDA_CHOICES}, got {cuda!r}")
+    if cpu_isa is not None:
+        if cpu_isa not in CPU_ISA_CHOICES:
+            raise ValueError(f"cpu_isa: expected one of {CPU_ISA_CHOICES}, got {cpu_isa!r}")
+        if cpu_isa != "auto" and _cpu_kernel.available():
+            _cpu_kernel.isa_number(cpu_isa)  # raises for a path this CPU lacks
     bad_chunk = isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int)
     if chunk_elements is not None and (bad_chunk or chunk_elements < 1):
         raise ValueError(f"chunk_elements: expected an int >= 1, got {chunk_elements!r}")
@@ -95,6 +121,7 @@ def use(
         _settings = Settings(
             cpu=previous.cpu if cpu is None else cpu,
             cuda=previous.cuda if cuda is None else cuda,
+            cpu_isa=previous.cpu_isa if cpu_isa is None else cpu_isa,
             chunk_elements=previous.chunk_elements if chunk_elements is None else chunk_elements,
         )
         current = _settings
@@ -103,6 +130,22 @@ def use(
     finally:
         with _lock:
             _settings = previous
+
+
+def cpu_isa() -> str:
+    """The ISA path the compiled CPU kernels take now (one of `cpu.ISA_PATHS`): the chosen
+    one, or with `cpu_isa="auto"` the fastest this CPU runs. Requires the kernels; raises
+    `RuntimeError` when the chosen path does not run on this CPU."""
+    choice = _settings.cpu_isa
+    if choice == "auto":
+        return _cpu_kernel.best_isa()
+    try:
+        _cpu_kernel.isa_number(choice)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{error} (VQFUNC_CPU_ISA={choice} or use(cpu_isa={choice!r}))"
+        ) from None
+    return choice
 
 
 def _fall_back(key: str, message: str, *, strict: bool) -> None:
@@ -178,7 +221,18 @@ def _cpu_entry(dtype: torch.dtype, operation: str) -> tuple[str, str]:
         return "torch", f"the compiled kernels are not available: {_cpu_kernel.failure()}"
     where = _cpu_kernel.location()
     note = "in float32" if dtype != torch.float32 else "float32"
-    return "compiled", f"{note}, {where}"
+    try:
+        isa = cpu_isa()
+    except RuntimeError as error:
+        return "compiled", f"{note}, {where}; but {error}"
+    if operation == "straight_through" and isa == "avx512":
+        isa = "avx512 (its AVX2 code: the straight-through is bound by memory)"
+    chosen = (
+        "chosen"
+        if _settings.cpu_isa != "auto"
+        else f"the fastest of {', '.join(_cpu_kernel.isa_paths())}"
+    )
+    return "compiled", f"{note}, {isa} path ({chosen}), {where}"
 
 
 def _cuda_entry(dtype: torch.dtype, operation: str) -> tuple[str, str]:

@@ -94,7 +94,7 @@ def forward(
     status = lib.vq_st_forward_f32(
         *(z.data_ptr(), codebook.data_ptr(), codes.data_ptr(), _ptr(weights)),
         *(codebook.shape[0], d, n, out.data_ptr(), z_q.data_ptr(), partial.data_ptr()),
-        *(slices, threads),
+        *(slices, threads, _cpu_kernel.isa_number(_policy.cpu_isa())),
     )
     _cpu_kernel.check_status(status)
     return out, z_q, partial.sum().to(torch.float32)
@@ -155,6 +155,7 @@ def backward(
         *(_ptr(g), g_rs, g_cs, _ptr(gq), gq_rs, gq_cs),
         *(a_z, a_q, nu),
         *(_ptr(grad_z), _ptr(grad_codebook), _ptr(extra), books, threads),
+        _cpu_kernel.isa_number(_policy.cpu_isa()),
     )
     _cpu_kernel.check_status(status)
     return grad_z, grad_codebook

@@ -12,6 +12,7 @@ import vqfunc.bench as _package
 from vqfunc._search import uses_cpu_kernel
 from vqfunc.bench._gpu_check import gpu_check
 from vqfunc.bench._lfq import lfq_check
+from vqfunc.bench._peak import fma_peak
 from vqfunc.bench._search import (
     FULL_SHAPES,
     MEMORY_SHAPE,
@@ -74,10 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     size = 512 if args.quick else 2048
     rate = gemm_rate(device, torch.promote_types(dtype, torch.float32), repeats, size)
-    print(f"GEMM rate: {rate / 1e9:.1f} GFLOP/s ({size}^3, best run)")
+    peak = fma_peak(repeats) if device.type == "cpu" else None
+    print(
+        f"GEMM rate: {rate / 1e9:.1f} GFLOP/s ({size}^3, best run); "
+        + ("FMA peak: -" if peak is None else f"ISA {peak} (best run)")
+    )
     rows = []
     for shape in shapes:
-        rows.append(bench_shape(shape, device, dtype, repeats, rate))  # type: ignore[arg-type]
+        rows.append(
+            bench_shape(shape, device, dtype, repeats, rate, peak and peak.rate)  # type: ignore[arg-type]
+        )
         print(format_table(rows).splitlines()[-1], flush=True)  # progress, one line per shape
     print()
     print(format_table(rows))

@@ -60,6 +60,7 @@ class Row:
 
     shape: tuple[int, int, int]
     floor: float
+    peak_floor: float | None
     times: dict[str, float]
     peaks: dict[str, int | None]
     agreement: dict[str, float]
@@ -81,8 +82,10 @@ def bench_shape(
     dtype: torch.dtype,
     repeats: int,
     rate: float,
+    peak: float | None = None,
 ) -> Row:
-    """Time and compare every method on one shape."""
+    """Time and compare every method on one shape; `rate` is the GEMM rate and `peak` the FMA
+    peak (flop/s, None when unknown) of the floors `2 N K D / rate` and `2 N K D / peak`."""
     n, d, k = shape
     gen = torch.Generator().manual_seed(n * 31 + d * 7 + k)
     cfg, params, x = _quantize_setup(n, d, k, device, dtype, gen)
@@ -135,7 +138,8 @@ def bench_shape(
                 time.sleep(_SETTLE_SECONDS)
             samples[name].append(_once(fn, device))
     times = {name: statistics.median(s) for name, s in samples.items()}
-    return Row(shape, 2.0 * n * k * d / rate, times, peaks, agreement)
+    flops = 2.0 * n * k * d
+    return Row(shape, flops / rate, None if peak is None else flops / peak, times, peaks, agreement)
 
 
 def _ms(seconds: float | None) -> str:
@@ -149,9 +153,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 def format_table(rows: Sequence[Row]) -> str:
     """The results as a fixed-width text table."""
     head = (
-        f"{'N':>8} {'D':>4} {'K':>6} | {'floor ms':>9} | {'search ms':>9} {'/floor':>6} "
-        f"{'/faiss':>6} | {'faiss ms':>9} {'/floor':>6} | {'cdist ms':>9} {'/floor':>6} | "
-        f"{'fwd ms':>9} {'fwd+bwd':>9} {'/fwd':>5} | {'peak MiB: search':>16} "
+        f"{'N':>8} {'D':>4} {'K':>6} | {'floor ms':>9} {'peak ms':>8} | {'search ms':>9} "
+        f"{'/floor':>6} {'/peak':>5} {'/faiss':>6} | {'faiss ms':>9} {'/floor':>6} | "
+        f"{'cdist ms':>9} {'/floor':>6} | {'fwd ms':>9} {'/srch':>5} {'fwd+bwd':>9} {'/fwd':>5} | "
+        f"{'peak MiB: search':>16} "
         f"{'quantize':>8} {'cdist':>8} {'faiss':>8} | agree"
     )
     lines = [head, "-" * len(head)]
@@ -165,11 +170,13 @@ def format_table(rows: Sequence[Row]) -> str:
         }
         agree = min(row.agreement.values()) if row.agreement else 1.0
         lines.append(
-            f"{n:>8} {d:>4} {k:>6} | {_ms(row.floor)} | {_ms(t['search'])} "
-            f"{_ratio(t['search'], row.floor):>6} {_ratio(t['search'], t.get('faiss')):>6} | "
+            f"{n:>8} {d:>4} {k:>6} | {_ms(row.floor)} {_ms(row.peak_floor)[1:]:>8} | "
+            f"{_ms(t['search'])} {_ratio(t['search'], row.floor):>6} "
+            f"{_ratio(t['search'], row.peak_floor):>5} {_ratio(t['search'], t.get('faiss')):>6} | "
             f"{_ms(t.get('faiss'))} {_ratio(t.get('faiss'), row.floor):>6} | "
             f"{_ms(t.get('cdist'))} {_ratio(t.get('cdist'), row.floor):>6} | "
-            f"{_ms(t['quantize fwd'])} {_ms(t['quantize fwd+bwd'])} "
+            f"{_ms(t['quantize fwd'])} {_ratio(t['quantize fwd'], t['search']):>5} "
+            f"{_ms(t['quantize fwd+bwd'])} "
             f"{_ratio(t['quantize fwd+bwd'], t['quantize fwd']):>5} | {peak['search']:>16} "
             f"{peak['quantize fwd']:>8} {peak['cdist']:>8} {peak['faiss']:>8} | {agree:.4f}"
         )

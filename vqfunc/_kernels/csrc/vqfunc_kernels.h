@@ -10,7 +10,7 @@
 
 /* Status codes of every entry point; vqfunc/_kernels/cpu.py keeps the same table. */
 #define VQ_OK 0
-#define VQ_UNSUPPORTED (-1)   /* not x86-64 with AVX2 and FMA, or bad sizes */
+#define VQ_UNSUPPORTED (-1)   /* an ISA path this CPU lacks, or bad sizes */
 #define VQ_NO_MEMORY (-2)     /* a scratch allocation failed */
 #define VQ_BAD_CODE (-3)      /* a code outside [0, num_codes) */
 #define VQ_BAD_THREADS (-4)   /* inconsistent thread or buffer counts */
@@ -18,16 +18,31 @@
 /* Codes per panel of the packed codebook (see nearest.c); cpu.py packs with the same value. */
 #define PANEL 16
 
+/* The ISA paths, chosen per call (cpu.py keeps the same numbers): plain C with GCC vector
+ * extensions for any CPU, AVX2 + FMA, and AVX-512 (F, with AVX2 and FMA). One library carries
+ * all of them; the CPU's features, read at run time, say which may run. */
+#define VQ_ISA_PORTABLE 0
+#define VQ_ISA_AVX2 1
+#define VQ_ISA_AVX512 2
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
 #define VQ_X86 1
-#define TARGET __attribute__((target("avx2,fma")))
+#define VQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define VQ_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define TARGET VQ_TARGET_AVX2
 
 /* Whether this CPU runs the AVX2 + FMA code. */
 static inline int vq_cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* Whether this CPU (and its OS, which must save the zmm registers) runs the AVX-512 code. */
+static inline int vq_cpu_avx512(void) {
+    __builtin_cpu_init();
+    return vq_cpu_supported() && __builtin_cpu_supports("avx512f");
 }
 
 /* Sum of the 8 lanes of v. */
@@ -39,6 +54,15 @@ TARGET static inline float vq_lane_sum(__m256 v) {
 }
 
 #endif
+
+/* Whether this CPU runs the path `isa` (VQ_ISA_*). */
+static inline int vq_isa_supported(int isa) {
+#ifdef VQ_X86
+    if (isa == VQ_ISA_AVX512) return vq_cpu_avx512();
+    if (isa == VQ_ISA_AVX2) return vq_cpu_supported();
+#endif
+    return isa == VQ_ISA_PORTABLE;
+}
 
 /* Records a thread's failure in the shared status of a parallel loop. */
 #define VQ_RECORD_FAILURE(status, result)                                                  \

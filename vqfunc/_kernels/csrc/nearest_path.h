@@ -1,0 +1,309 @@
+/* One ISA path of the nearest-code search (see nearest.c), written once with GCC vector
+ * extensions and instantiated by nearest.c for each path. Before including it, nearest.c
+ * defines:
+ *
+ *   PATH(name)     the name with the path's suffix (name##_avx512, ...)
+ *   PATH_TARGET    the function attribute of the path's code (a target, or nothing)
+ *   LANES          floats per vector (16, 8 or 4)
+ *   TILE_ROWS      rows of a register tile
+ *   TILE_PANELS    panels (of PANEL codes) of a register tile
+ *   V_MIN(a, b)    the lane-wise minimum, b where either is NaN (as x86 minps)
+ *   FMA_CHAINS     independent accumulators of the FMA probe
+ *
+ * A register tile holds TILE_ROWS x TILE_PANELS x (PANEL / LANES) accumulators; the scores are
+ * s(x, k) = h_k - x . c_k, each one accumulated by the same sequence of fused (or, without
+ * FMA, separate) multiply-subtracts in the tile loop and in the final recomputation, so the two
+ * agree bit for bit. Everything is undefined again at the end of the file.
+ */
+
+#define VPP (PANEL / LANES)             /* vectors per panel */
+#define NV (TILE_PANELS * VPP)          /* vectors per row of a register tile */
+
+typedef float PATH(vf) __attribute__((vector_size(4 * LANES)));
+typedef int32_t PATH(vi) __attribute__((vector_size(4 * LANES)));
+typedef float PATH(vfu) __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+typedef int32_t PATH(viu) __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+#define VF PATH(vf)
+#define VI PATH(vi)
+#define INLINE PATH_TARGET static inline __attribute__((always_inline))
+
+INLINE VF PATH(load)(const float *p) { return *(const PATH(vfu) *)p; }
+INLINE VI PATH(loadi)(const int32_t *p) { return *(const PATH(viu) *)p; }
+INLINE void PATH(store)(float *p, VF v) { *(PATH(vfu) *)p = v; }
+INLINE void PATH(storei)(int32_t *p, VI v) { *(PATH(viu) *)p = v; }
+/* x in every lane (x - 0 is x, -0 included). */
+INLINE VF PATH(splat)(float x) { return x - (VF){0}; }
+/* Lanes of a where mask is set, of b elsewhere. */
+INLINE VF PATH(select)(VI mask, VF a, VF b) {
+    return (VF)((mask & (VI)a) | (~mask & (VI)b));
+}
+
+/* 0, 1, ..., LANES - 1. */
+INLINE VI PATH(iota)(void) {
+    VI v;
+#pragma GCC unroll 16
+    for (int l = 0; l < LANES; ++l) v[l] = l;
+    return v;
+}
+/* Lane-wise minimum of int vectors. */
+INLINE VI PATH(imin)(VI a, VI b) {
+    const VI lt = a < b;
+    return (lt & a) | (~lt & b);
+}
+/* The minimum of the lanes of v in every lane: a butterfly of shuffles. */
+INLINE VF PATH(all_min)(VF v) {
+#pragma GCC unroll 8
+    for (int s = LANES / 2; s >= 1; s /= 2) v = V_MIN(__builtin_shuffle(v, PATH(iota)() ^ s), v);
+    return v;
+}
+INLINE VI PATH(all_imin)(VI v) {
+#pragma GCC unroll 8
+    for (int s = LANES / 2; s >= 1; s /= 2)
+        v = PATH(imin)(__builtin_shuffle(v, PATH(iota)() ^ s), v);
+    return v;
+}
+
+/* First code of group g whose score for row x equals `target`, or -1. */
+INLINE int64_t PATH(rescan_panels)(const float *x, int64_t d, const float *packed,
+                                   const float *half_norms, int64_t gp, int64_t g,
+                                   float target) {
+    const float *pp = packed + g * gp * d * PANEL;
+    const float *hn = half_norms + g * gp * PANEL;
+    VF a[MAX_GROUP_PANELS * VPP];
+    for (int v = 0; v < gp * VPP; ++v) a[v] = PATH(load)(hn + v * LANES);
+    for (int64_t j = 0; j < d; ++j) {
+        const float xj = x[j];
+        for (int p = 0; p < gp; ++p)
+            for (int v = 0; v < VPP; ++v)
+                a[p * VPP + v] =
+                    a[p * VPP + v] - xj * PATH(load)(pp + p * d * PANEL + j * PANEL + v * LANES);
+    }
+    /* The smallest code whose score equals the target, with vector compares. */
+    const VF want = PATH(splat)(target);
+    const VI none = INT32_MAX + (VI){0};
+    VI first = none;
+    for (int v = 0; v < gp * VPP; ++v) {
+        const VI eq = a[v] == want;
+        const VI code = PATH(iota)() + (int32_t)(g * gp * PANEL + v * LANES);
+        first = PATH(imin)(first, (eq & code) | (~eq & none));
+    }
+    const int32_t code = PATH(all_imin)(first)[0];
+    return code == INT32_MAX ? -1 : code;
+}
+
+/* rescan_panels with gp a compile-time constant, so that its accumulators stay in registers. */
+PATH_TARGET static int64_t PATH(rescan_group)(const float *x, int64_t d, const float *packed,
+                                              const float *half_norms, int64_t gp, int64_t g,
+                                              float target) {
+    switch (gp) {
+        case 1:
+            return PATH(rescan_panels)(x, d, packed, half_norms, 1, g, target);
+        case 2:
+            return PATH(rescan_panels)(x, d, packed, half_norms, 2, g, target);
+        default:
+            return PATH(rescan_panels)(x, d, packed, half_norms, MAX_GROUP_PANELS, g, target);
+    }
+}
+
+/* The minimum v of a row's lane minima, and the first group g holding it (the smallest group
+ * among the lanes that hold v). Lane minima are never NaN. */
+INLINE void PATH(row_minimum)(const float *best, const int32_t *best_group, float *v,
+                              int32_t *g) {
+    const VF b = PATH(load)(best);
+    const VF m = PATH(all_min)(b);
+    const VI holds = b == m;
+    const VI groups = (holds & PATH(loadi)(best_group)) | (~holds & (INT32_MAX + (VI){0}));
+    *v = m[0];
+    *g = PATH(all_imin)(groups)[0];
+}
+
+/* Fold one group's lane minima m into best / best_group (branch-free). */
+INLINE void PATH(record_group)(VF m, int64_t g, float *best, int32_t *best_group) {
+    const VF prev = PATH(load)(best);
+    const VI better = m < prev;
+    const VI group_id = (int32_t)g + (VI){0};
+    PATH(store)(best, PATH(select)(better, m, prev));
+    PATH(storei)(best_group, (better & group_id) | (~better & PATH(loadi)(best_group)));
+}
+
+/* The scores of TILE_PANELS panels (at pp, half norms at hn) for the TILE_ROWS rows at xt (row
+ * stride d), reduced to each row's lane minima. `d` is a compile-time constant at the
+ * specialised call sites, which lets the compiler unroll the dimension loop. */
+INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, const float *hn,
+                               VF minima[TILE_ROWS]) {
+    VF h[NV], b[NV], a[TILE_ROWS][NV];
+    for (int v = 0; v < NV; ++v) h[v] = PATH(load)(hn + v * LANES);
+    /* An opaque copy of the row pointer: keeps the compiler from hoisting one address per row
+     * and dimension out of the loop (and spilling them). */
+    const float *xr = xt;
+    __asm__("" : "+r"(xr));
+    for (int v = 0; v < NV; ++v) b[v] = PATH(load)(pp + (v / VPP) * d * PANEL + (v % VPP) * LANES);
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        const float x0 = xr[i * d];
+        for (int v = 0; v < NV; ++v) a[i][v] = h[v] - x0 * b[v];
+    }
+#pragma GCC unroll 4
+    for (int64_t j = 1; j < d; ++j) {
+        for (int v = 0; v < NV; ++v)
+            b[v] = PATH(load)(pp + (v / VPP) * d * PANEL + j * PANEL + (v % VPP) * LANES);
+        for (int i = 0; i < TILE_ROWS; ++i) {
+            const float xj = xr[i * d + j];
+            for (int v = 0; v < NV; ++v) a[i][v] = a[i][v] - xj * b[v];
+        }
+    }
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        VF m = a[i][0];
+        for (int v = 1; v < NV; ++v) m = V_MIN(a[i][v], m);
+        minima[i] = m;
+    }
+}
+
+/* Lane minima of the scores of the TILE_ROWS rows at xt against the codes of groups [g0, g1)
+ * of gp panels, folded into best/best_group (rows past `rows` are ignored). */
+INLINE void PATH(tile)(const float *xt, int rows, int64_t d, const float *packed,
+                       const float *half_norms, int64_t gp, int64_t g0, int64_t g1,
+                       float (*best)[LANES], int32_t (*best_group)[LANES]) {
+    for (int64_t g = g0; g < g1; ++g) {
+        VF m[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; ++i) m[i] = PATH(splat)(INFINITY);
+        for (int64_t p = g * gp; p < (g + 1) * gp; p += TILE_PANELS) {
+            VF minima[TILE_ROWS];
+            PATH(panel_minima)(xt, d, packed + p * d * PANEL, half_norms + p * PANEL, minima);
+            /* min(score, m) keeps m when a score is NaN. */
+            for (int i = 0; i < TILE_ROWS; ++i) m[i] = V_MIN(minima[i], m[i]);
+        }
+        for (int i = 0; i < rows; ++i) PATH(record_group)(m[i], g, best[i], best_group[i]);
+    }
+}
+
+/* Large d: TILE_PANELS panels against the TILE_ROWS rows at xt, folded into the rows' running
+ * minima m (in memory). The caller sweeps every row tile of a row block over them, so the
+ * panels stay in L1 instead of streaming from L2 per tile. */
+PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float *pp,
+                                         const float *hn, float (*m)[LANES]) {
+    VF minima[TILE_ROWS];
+    PATH(panel_minima)(xt, d, pp, hn, minima);
+    for (int i = 0; i < TILE_ROWS; ++i)
+        PATH(store)(m[i], V_MIN(minima[i], PATH(load)(m[i])));
+}
+
+#define TILE_CASE(D)                                                                      \
+    case D:                                                                               \
+        PATH(tile)(xt, rows, D, packed, half_norms, gp, g0, g1, best + (t - r0),          \
+                   best_group + (t - r0));                                                \
+        break;
+
+/* Rows [row_begin, row_end) of x: see nearest_rows in nearest.c (the arguments are the same). */
+PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int64_t row_end,
+                                          int64_t d, const float *packed,
+                                          const float *half_norms, int64_t padded_groups,
+                                          int64_t num_codes, const float *codebook,
+                                          const float *center, int64_t *codes,
+                                          float *distances) {
+    /* One heap buffer (nothing large on the thread stack): the centred rows of one block,
+     * padded with its last row to whole tiles, then the lane minima of the block's rows (best,
+     * best_group) and of one group (minima). */
+    const size_t block_floats = (size_t)(ROW_BLOCK + TILE_ROWS) * (size_t)d;
+    float *block =
+        malloc(sizeof(float) * (block_floats + (3 * ROW_BLOCK + TILE_ROWS) * LANES));
+    if (block == NULL) return VQ_NO_MEMORY;
+    float (*best)[LANES] = (float (*)[LANES])(block + block_floats);
+    int32_t (*best_group)[LANES] = (int32_t (*)[LANES])(block + block_floats + ROW_BLOCK * LANES);
+    float (*minima)[LANES] = (float (*)[LANES])(block + block_floats + 2 * ROW_BLOCK * LANES);
+    /* Panels per group: the final recomputation of one group per row costs gp 16 d FMAs, the
+     * per-group bookkeeping a few operations per row; gp = 128 / d balances them. A group holds
+     * whole register tiles. */
+    int64_t gp = d >= 128 ? 1 : d >= 64 ? 2 : MAX_GROUP_PANELS;
+    if (gp < TILE_PANELS) gp = TILE_PANELS;
+    const int64_t groups = padded_groups * (MAX_GROUP_PANELS / gp);
+    /* A code block of about 192 KiB stays in L2 while a row block sweeps it. */
+    int64_t block_groups = (192 * 1024) / (gp * PANEL * d * (int64_t)sizeof(float));
+    if (block_groups < 1) block_groups = 1;
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += ROW_BLOCK) {
+        const int64_t r1 = r0 + ROW_BLOCK < row_end ? r0 + ROW_BLOCK : row_end;
+        for (int64_t i = 0; i < r1 - r0; ++i)
+            for (int l = 0; l < LANES; ++l) {
+                best[i][l] = INFINITY;
+                best_group[i][l] = 0;
+            }
+        for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i) {
+            const float *src = x + (r0 + i < r1 ? r0 + i : r1 - 1) * d;
+            for (int64_t j = 0; j < d; ++j) block[i * d + j] = src[j] - center[j];
+        }
+        for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
+            const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups;
+            if (d >= PANEL_MAJOR_D) {
+                for (int64_t g = g0; g < g1; ++g) {
+                    for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i)
+                        PATH(store)(minima[i], PATH(splat)(INFINITY));
+                    for (int64_t p = g * gp; p < (g + 1) * gp; p += TILE_PANELS)
+                        for (int64_t t = r0; t < r1; t += TILE_ROWS)
+                            PATH(panel_tile)(block + (t - r0) * d, d, packed + p * d * PANEL,
+                                             half_norms + p * PANEL, minima + (t - r0));
+                    for (int64_t i = 0; i < r1 - r0; ++i)
+                        PATH(record_group)(PATH(load)(minima[i]), g, best[i], best_group[i]);
+                }
+                continue;
+            }
+            for (int64_t t = r0; t < r1; t += TILE_ROWS) {
+                const int rows = (int)(r1 - t < TILE_ROWS ? r1 - t : TILE_ROWS);
+                const float *xt = block + (t - r0) * d;
+                switch (d) {
+                    TILE_CASE(4)
+                    TILE_CASE(8)
+                    TILE_CASE(16)
+                    TILE_CASE(32)
+                    TILE_CASE(64)
+                    default:
+                        PATH(tile)(xt, rows, d, packed, half_norms, gp, g0, g1,
+                                   best + (t - r0), best_group + (t - r0));
+                }
+            }
+        }
+        for (int64_t i = 0; i < r1 - r0; ++i) {
+            const float *row = block + i * d;
+            float v;
+            int32_t g;
+            PATH(row_minimum)(best[i], best_group[i], &v, &g);
+            /* The first code reaching v lies in group g (every lane holding v there has g as
+             * its first group reaching v), so one group is recomputed. */
+            int64_t k_best =
+                g == INT32_MAX ? -1 : PATH(rescan_group)(row, d, packed, half_norms, gp, g, v);
+            /* No finite minimum (NaN inputs or overflow), or a padding code: code 0. */
+            if (k_best < 0 || k_best >= num_codes) k_best = 0;
+            codes[r0 + i] = k_best;
+            distances[r0 + i] = vq_distance(x + (r0 + i) * d, codebook + k_best * d, d);
+        }
+    }
+    free(block);
+    return VQ_OK;
+}
+
+/* FMA_CHAINS independent chains of `iterations` multiply-adds on vectors of LANES floats:
+ * 2 LANES FMA_CHAINS iterations flops. The result keeps the work from being optimised away. */
+PATH_TARGET static float PATH(fma_chains)(int64_t iterations, float seed) {
+    VF acc[FMA_CHAINS];
+    const VF scale = PATH(splat)(0.999999f), step = PATH(splat)(1e-7f);
+#pragma GCC unroll 32
+    for (int c = 0; c < FMA_CHAINS; ++c) acc[c] = PATH(splat)(seed + (float)c);
+    for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 32
+        for (int c = 0; c < FMA_CHAINS; ++c) {
+            acc[c] = acc[c] * scale + step;
+            VQ_IN_REGISTER(acc[c]); /* one round of all chains per iteration, in registers */
+        }
+    }
+    VF sum = acc[0];
+#pragma GCC unroll 32
+    for (int c = 1; c < FMA_CHAINS; ++c) sum += acc[c];
+    float total = 0.0f;
+    for (int l = 0; l < LANES; ++l) total += sum[l];
+    return total;
+}
+
+#undef TILE_CASE
+#undef INLINE
+#undef VF
+#undef VI
+#undef NV
+#undef VPP
