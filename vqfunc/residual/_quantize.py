@@ -28,6 +28,12 @@ from vqfunc._params import ResidualParams, VQParams
 from vqfunc._quantize import compute_dtype, row_weights, valid_rows
 from vqfunc._search import nearest_codes
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._grouped import (
+    check_grouped_params,
+    grouped_dequantize,
+    grouped_init_params,
+    grouped_quantize,
+)
 from vqfunc.residual._levels import check_depth, check_level_codes, level_book, level_histogram
 from vqfunc.residual._projected import decode, init_projections, projected_levels
 
@@ -92,6 +98,10 @@ def init_params(
         `1 / fan_in` and biases zero.
     """
     _validate.check_config(cfg, ResidualConfig, where="vqfunc.residual.init_params")
+    if cfg.channel_groups > 1:
+        return grouped_init_params(
+            init_params, cfg, generator=generator, device=device, dtype=dtype
+        )
     params = _params.init_params(cfg, generator=generator, device=device, dtype=dtype)
     if cfg.codebook_dim is None:
         return params
@@ -102,6 +112,9 @@ def init_params(
 def check_params(params: object, cfg: ResidualConfig, *, where: str) -> None:
     """`cfg` is a `ResidualConfig` and `params` (a `VQParams`, a `ResidualParams` with
     `cfg.codebook_dim`) are shaped as it says."""
+    if isinstance(cfg, ResidualConfig) and cfg.channel_groups > 1:
+        check_grouped_params(params, cfg, where=where)
+        return
     _validate.check_params(params, cfg, where=where, kind=ResidualConfig)
 
 
@@ -180,6 +193,11 @@ def quantize(
         out: a `ResidualOutput`.
     """
     where = "vqfunc.residual.quantize"
+    _validate.check_config(cfg, ResidualConfig, where=where)
+    if cfg.channel_groups > 1:
+        return grouped_quantize(
+            quantize, params, x, cfg, mask=mask, n_levels=n_levels, depth=depth, where=where
+        )
     check_params(params, cfg, where=where)
     _validate.check_input(x, cfg, where=where)
     _validate.check_same_device(x, params, where=where)
@@ -262,6 +280,9 @@ def dequantize(
         `[..., F (at cfg.dim), ...]` tensor of rank `len(B) + 1` in the params' dtype.
     """
     where = "vqfunc.residual.dequantize"
+    _validate.check_config(cfg, ResidualConfig, where=where)
+    if cfg.channel_groups > 1:
+        return grouped_dequantize(dequantize, params, codes, cfg, n_levels=n_levels, where=where)
     check_params(params, cfg, where=where)
     codes, n = check_level_codes(codes, cfg, n_levels, where=where)
     if codes.device != params.codebook.device:
