@@ -96,9 +96,7 @@ def split_channels(x: Tensor, cfg: ResidualConfig, *, where: str) -> tuple[Tenso
     return moved.reshape(*moved.shape[:-1], g, cfg.feature_size // g), dim
 
 
-def grouped_init_params(
-    init: Callable[..., Params], cfg: ResidualConfig, **options: Any
-) -> Params:
+def grouped_init_params(init: Callable[..., Params], cfg: ResidualConfig, **options: Any) -> Params:
     """The params of the `G` groups, initialised one after the other (one generator)."""
     group_cfg = cfg.group_config
     return stack_groups([init(group_cfg, **options) for _ in range(cfg.channel_groups)])
@@ -219,15 +217,12 @@ def grouped_update_state(
     `randomness`, if given, holds each group's draw on a leading group axis."""
     where = "vqfunc.residual.update_state"
     g = cfg.channel_groups
-    if randomness is not None:
-        if not isinstance(randomness, ReplaceRandomness) or any(
-            not isinstance(t, Tensor) or t.ndim == 0 or t.shape[0] != g for t in randomness
-        ):
-            raise ValueError(
-                f"{where}: with channel_groups={g}, randomness must be a ReplaceRandomness "
-                f"whose tensors stack each group's draw on a leading axis of size {g} "
-                "(torch.stack of vqfunc.draw_replace_randomness(num_rows, cfg.group_config))"
-            )
+    if randomness is not None and not _stacked(randomness, g):
+        raise ValueError(
+            f"{where}: with channel_groups={g}, randomness must be a ReplaceRandomness "
+            f"whose tensors stack each group's draw on a leading axis of size {g} "
+            "(torch.stack of vqfunc.draw_replace_randomness(num_rows, cfg.group_config))"
+        )
     group_cfg = cfg.group_config
     results = [
         update(
@@ -243,6 +238,13 @@ def grouped_update_state(
         for i in range(g)
     ]
     return stack_groups([p for p, _ in results]), stack_groups([s for _, s in results])
+
+
+def _stacked(randomness: object, g: int) -> bool:
+    """Whether `randomness` is a `ReplaceRandomness` of tensors with a leading axis `g`."""
+    if not isinstance(randomness, ReplaceRandomness):
+        return False
+    return all(isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == g for t in randomness)
 
 
 def grouped_fit(
