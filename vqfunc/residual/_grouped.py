@@ -71,13 +71,23 @@ def check_grouped_params(params: object, cfg: ResidualConfig, *, where: str) -> 
             f"{where}: params must be a {record.__name__}{why} (from "
             f"vqfunc.residual.init_params(cfg) or layer.params), got {type(params).__name__}"
         )
-    for name, value in params._asdict().items():
+    group_cfg = cfg.group_config
+    layout = group_cfg.layout
+    per_group = {
+        "codebook": layout.codebook_shape,
+        "affine_scale": layout.affine_shape,
+        "affine_bias": layout.affine_shape,
+        **group_cfg.projection_shapes,
+    }
+    for name, shape in per_group.items():
+        value = getattr(params, name)
         if not isinstance(value, Tensor):
             raise TypeError(f"{where}: params.{name} must be a tensor, got {type(value).__name__}")
-        if value.ndim == 0 or value.shape[0] != g:
+        if tuple(value.shape) != (g, *shape):
             raise ValueError(
                 f"{where}: params.{name} has shape {tuple(value.shape)}, but cfg "
-                f"(channel_groups={g}) expects a leading group axis of size {g}"
+                f"(channel_groups={g}, {group_cfg.describe()} per group) expects {(g, *shape)} "
+                f"(a leading group axis of size {g})"
             )
     _validate.check_params(
         group_of(params, 0), cfg.group_config, where=f"{where} (group 0)", kind=ResidualConfig
@@ -241,10 +251,15 @@ def grouped_update_state(
 
 
 def _stacked(randomness: object, g: int) -> bool:
-    """Whether `randomness` is a `ReplaceRandomness` of tensors with a leading axis `g`."""
+    """Whether `randomness` is a `ReplaceRandomness` of tensors with a leading axis `g` before
+    one group's `keys [num_books, N]` and `noise [num_books, K, d]`."""
     if not isinstance(randomness, ReplaceRandomness):
         return False
-    return all(isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == g for t in randomness)
+    ranks = (3, 4)  # keys, noise: one axis more than a group's draw
+    return all(
+        isinstance(t, Tensor) and t.ndim == rank and t.shape[0] == g
+        for t, rank in zip(randomness, ranks, strict=True)
+    )
 
 
 def grouped_fit(
