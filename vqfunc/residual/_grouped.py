@@ -43,9 +43,7 @@ Params = VQParams | ResidualParams
 
 def group_of(record: T, g: int) -> T:
     """Group `g` of a stacked record of tensors (nested records too)."""
-    return type(record)(
-        *(group_of(v, g) if isinstance(v, tuple) else v[g] for v in record)  # type: ignore[arg-type]
-    )
+    return type(record)(*(group_of(v, g) if isinstance(v, tuple) else v[g] for v in record))
 
 
 def stack_groups(records: list[T]) -> T:
@@ -282,6 +280,7 @@ def grouped_fit(
         fit(group_of(params, i), groups[..., i, :], group_cfg, mask=mask, where=where, **options)
         for i in range(cfg.channel_groups)
     ]
-    if any(f is None for f in fitted):
+    present = [f for f in fitted if f is not None]
+    if len(present) < len(fitted):
         return None
-    return stack_groups(fitted)  # type: ignore[arg-type]
+    return stack_groups(present)

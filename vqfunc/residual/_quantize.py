@@ -67,6 +67,11 @@ class ResidualOutput(NamedTuple):
             masked).
         num_invalid: scalar int64 count of those vectors (no host sync).
         depth: `[*B]` int64 number of levels each row's output sums (`n` without dropout).
+
+    With `G = cfg.channel_groups > 1` (grouped residual VQ) the per-group fields gain a group
+    axis: `codes` and `distances` `[*B, G, n]`, `residuals` `[*B, G, n + 1, F / G]`,
+    `histogram` `[G, num_books, K]`; `loss` and `perplexity` are the means over the groups,
+    and `z`, `codewords`, `valid`, `num_invalid`, `depth` keep their shapes.
     """
 
     codes: Tensor
@@ -95,7 +100,9 @@ def init_params(
         `VQParams` with `codebook` of shape `cfg.codebook_shape` and raw affine parameters of
         shape `[A, d]` (`[L, A, d]` with separate codebooks; `A = 0` when affine is off). With
         `cfg.codebook_dim` a `ResidualParams`, whose projections are normal with variance
-        `1 / fan_in` and biases zero.
+        `1 / fan_in` and biases zero. With `cfg.channel_groups = G > 1`, the params of the `G`
+        groups' stacks (`cfg.group_config`), drawn one after the other and stacked on a
+        leading axis `G`.
     """
     _validate.check_config(cfg, ResidualConfig, where="vqfunc.residual.init_params")
     if cfg.channel_groups > 1:
@@ -164,6 +171,9 @@ def quantize(
     Pure: reads `params` and `x`, returns new tensors; composes with `torch.func.grad`,
     `torch.func.vmap` and `torch.compile(fullgraph=True)`. The gradient estimator (and the
     synchronized update) act on the sum of the levels, and the loss compares `x` with that sum.
+
+    With `cfg.channel_groups = G > 1`, `torch.func.vmap` of the ungrouped quantizer over the
+    `G` channel groups (each with its own stack; see `docs/codec.md`), codes `[*B, G, n]`.
 
     With `cfg.codebook_dim` each level searches and learns through its projections (see
     `ResidualConfig.codebook_dim`): the output carries a straight-through gradient per level
@@ -271,7 +281,8 @@ def dequantize(
     Args:
         params: the codebook(s).
         codes: `[*B, L]` integer codes, one per level (indices into the level's own codebook
-            with separate codebooks), or `[*B, n]` with `n_levels=n`.
+            with separate codebooks), or `[*B, n]` with `n_levels=n`; `[*B, G, L]` (or
+            `[*B, G, n]`) with `cfg.channel_groups = G > 1`.
         cfg: the static configuration.
         n_levels: decode only the first `n` levels (of `[*B, L]` codes, or all of `[*B, n]`
             codes); None: all `L` levels (codes must then have `L` entries).

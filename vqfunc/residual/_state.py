@@ -120,7 +120,9 @@ def update_state(
     `replace_threshold > 0` with `replace_rule="usage"`). Only the levels a row reached (its
     `depth`, `n_levels`) count for that level; a level no row reached takes no step.
 
-    Pure, without host syncs. With every technique off it returns its inputs.
+    Pure, without host syncs. With every technique off it returns its inputs. With
+    `cfg.channel_groups > 1` each group's stack takes this step in turn (its own EMA, counters
+    and candidates; `sync` then reduces once per group).
 
     Args:
         params: the params `out` was computed with.
@@ -132,7 +134,8 @@ def update_state(
         generator: source of randomness for the candidates.
         randomness: pre-drawn randomness instead of `generator`, from
             `vqfunc.draw_replace_randomness(num_rows, cfg)` (`num_rows` the number of input
-            vectors).
+            vectors); with `cfg.channel_groups = G > 1`, `G` draws for `cfg.group_config`
+            stacked on a leading axis.
         sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: the histogram and
             the EMA statistics are summed over the ranks and the candidates shared, so every
             rank takes the same step.

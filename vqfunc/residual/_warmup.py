@@ -89,7 +89,7 @@ def fit_stacks(
     check_config(cfg, ResidualConfig, where=where)
     if cfg.channel_groups > 1:
         return grouped_fit(fit_params, params, x, cfg, mask=mask, where=where, **options)
-    return fit_params(params, x, cfg, mask=mask, where=where, **options)  # type: ignore[return-value]
+    return fit_params(params, x, cfg, mask=mask, where=where, **options)
 
 
 def fit_levels(
