@@ -29,6 +29,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "separate": dict(num_codes=8 * L, share=False),
     "per_level": dict(num_codes=(8, 5, 3), share=False),
     "projected": dict(num_codes=8 * L, share=False, codebook_dim=1),
+    "affine": dict(num_codes=8 * L, share=False, affine_lr=1.0, affine_groups=2),
+    "rotation": dict(num_codes=8, share=True, estimator="rotation"),
 }
 
 

@@ -56,6 +56,10 @@ def test_training_state_round_trips_through_state_dict() -> None:
     other.load_state_dict(layer.state_dict())
     for name, value in layer.state_dict().items():
         assert torch.equal(value, other.state_dict()[name]), name
+    params, state = vqfunc.checkpoint.from_layer_state_dict(layer.state_dict(), layer.cfg)
+    for got, ref in zip(params, layer.params, strict=True):
+        assert torch.equal(got, ref)
+    assert torch.equal(state.ema.sums, layer.ema_sums)
     layer.eval()
     other.eval()
     assert torch.equal(layer(x)[0], other(x)[0])
