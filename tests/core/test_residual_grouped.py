@@ -265,3 +265,39 @@ def test_vmap_over_a_stack_of_grouped_params() -> None:
     batched = torch.func.vmap(encode)(params)
     for i, p in enumerate(stack):
         torch.testing.assert_close(batched[i], encode(p))
+
+
+class _TwoRanks:
+    """Two ranks in one process: records the other rank's `reduce_sum` calls, then adds them
+    call by call (in order, as every rank runs the groups in the same order)."""
+
+    def __init__(self, recorded: list[tuple[torch.Tensor, ...]] | None = None) -> None:
+        self.recorded = recorded
+        self.calls: list[tuple[torch.Tensor, ...]] = []
+
+    def reduce_sum(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.calls.append(tuple(t.detach().clone() for t in tensors))
+        if self.recorded is None:
+            return tuple(t.clone() for t in tensors)
+        other = self.recorded[len(self.calls) - 1]
+        return tuple(t + o for t, o in zip(tensors, other, strict=True))
+
+
+@pytest.mark.parametrize("name", ["shared", "separate", "projected"])
+def test_synchronized_ema_of_two_ranks_equals_the_union_batch(name: str) -> None:
+    cfg, params = _setup(name, ema_decay=0.6)
+    state = vqfunc.residual.init_state(params, cfg)
+    a, b = torch.randn(5, F, generator=_gen(30)), torch.randn(8, F, generator=_gen(31))
+
+    def step(x: torch.Tensor, sync: Any) -> Any:
+        _, out = vqfunc.residual.quantize(params, x, cfg)
+        return vqfunc.residual.update_state(params, state, out, cfg, sync=sync)
+
+    other = _TwoRanks()
+    step(b, other)
+    assert len(other.calls) == G  # one reduction per group
+    synced = step(a, _TwoRanks(other.calls))
+    union = step(torch.cat([a, b]), None)
+    torch.testing.assert_close(synced[0].codebook, union[0].codebook)
+    torch.testing.assert_close(synced[1].ema.counts, union[1].ema.counts)
+    torch.testing.assert_close(synced[1].ema.sums, union[1].ema.sums)
