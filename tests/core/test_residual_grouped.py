@@ -247,6 +247,11 @@ def test_bad_params_codes_and_randomness_are_refused() -> None:
     cfg_r = cfg.replace(replace_freq=1)
     state = vqfunc.residual.init_state(params, cfg_r)
     one = draw_replace_randomness(4, cfg_r.group_config)
+    expected = r"state.ema.counts is \(3, 0\).*channel_groups=3.*\(3, 3, 0\)"
+    with pytest.raises(ValueError, match=expected):
+        vqfunc.residual.update_state(
+            params, vqfunc.residual.init_state(flat, cfg_r.group_config), out, cfg_r
+        )
     before = [t.clone() for t in params]
     with pytest.raises(ValueError, match=r"randomness must be a ReplaceRandomness.*size 3"):
         vqfunc.residual.update_state(params, state, out, cfg_r, randomness=one)

@@ -205,6 +205,13 @@ class ResidualConfig(QuantizerConfig):
             "proj_out_bias": (n, f),
         }
 
+    def describe(self) -> str:
+        """The fields that decide the params' shapes, as `name=value` pairs (for messages)."""
+        text = super().describe()
+        if self.channel_groups > 1:
+            text += f", channel_groups={self.channel_groups}"
+        return text
+
     @property
     def codebook_shape(self) -> tuple[int, ...]:
         """Shape of `params.codebook`: `layout.codebook_shape`, with the leading group axis
