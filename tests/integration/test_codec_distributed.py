@@ -64,3 +64,11 @@ def test_ranks_keep_identical_codebooks_and_eval_never_drops(ranks: list[dict[st
     assert torch.equal(ranks[0]["counters_a"], ranks[1]["counters_a"])
     for result in ranks:
         assert bool((result["eval_depth"] == LEVELS).all())
+
+
+def test_grouped_layer_keeps_every_group_in_agreement(ranks: list[dict[str, Any]]) -> None:
+    grouped = [result["grouped"] for result in ranks]
+    assert bool(grouped[0]["kmeans_initialized"])
+    assert grouped[0]["codebook"].shape == (2, 3, 4, 2)
+    for name, value in grouped[0].items():
+        assert torch.equal(value, grouped[1][name]), name

@@ -1,7 +1,8 @@
 """One rank of `tests/integration/test_codec_distributed.py` (gloo backend, CPU).
 
 Run as `python tests/support/codec_dist_worker.py RANK WORLD INIT_METHOD OUT_DIR`. Each rank
-trains an encoder and two `ResidualVectorQuantize` layers with quantizer dropout (gradients
+trains an encoder and three `ResidualVectorQuantize` layers (one grouped, with k-means
+warm-up, EMA and replacement) with quantizer dropout (gradients
 averaged over the ranks with `all_reduce`, replacement kept in agreement by the layer), on
 data and local batch sizes of its own, and writes the depths the layer drew at every step, an
 eval pass and the final params to `OUT_DIR/codec_rank<RANK>.pt`.
@@ -33,7 +34,11 @@ def run(rank: int, out: Path) -> None:
         FEATURES, (8, 8, 4, 4, 2, 2), levels=LEVELS, share=False, dim=-1,
         quantizer_dropout=0.5, dropout_per="sample",
     )  # fmt: skip
-    model = nn.ModuleDict({"enc": enc, "a": per_batch, "b": per_sample})
+    grouped = vqfunc.ResidualVectorQuantize(
+        FEATURES, 4 * 3, levels=3, share=False, dim=-1, channel_groups=2, ema_decay=0.8,
+        replace_freq=2, kmeans_init=True, quantizer_dropout=1.0, dropout_per="batch",
+    )  # fmt: skip
+    model = nn.ModuleDict({"enc": enc, "a": per_batch, "b": per_sample, "c": grouped})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     data = torch.Generator().manual_seed(100 + rank)  # different data on every rank
     depths_a, depths_b = [], []
@@ -43,7 +48,9 @@ def run(rank: int, out: Path) -> None:
         z = model["enc"](x)
         z_a, misc_a = model["a"](z)
         z_b, misc_b = model["b"](z_a)
+        z_c, misc_c = model["c"](z)
         loss = (z_b - z).pow(2).mean() + misc_a["loss"] + misc_b["loss"]
+        loss = loss + (z_c - z).pow(2).mean() + misc_c["loss"]
         optimizer.zero_grad()
         loss.backward()
         for p in model.parameters():
@@ -62,6 +69,7 @@ def run(rank: int, out: Path) -> None:
         "eval_depth": misc_eval["depth"],
         "codebook_a": per_batch.codebook.detach(),
         "counters_a": per_batch.replace_counters,
+        "grouped": {name: value.clone() for name, value in grouped.state_dict().items()},
     }
     torch.save(result, out / f"codec_rank{rank}.pt")
 

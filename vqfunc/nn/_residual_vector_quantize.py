@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vqfunc._ema import init_ema_state
 from vqfunc._params import ResidualParams, VQParams
 from vqfunc._validate import check_input
+from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.residual._config import ResidualConfig
@@ -28,6 +28,7 @@ from vqfunc.residual._state import (
     init_state,
     update_state,
 )
+from vqfunc.residual._warmup import fit_stacks
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -70,6 +71,12 @@ class ResidualVectorQuantize(QuantizerShim):
     codes index the level's own codebook (vqtorch adds the offset `level * num_codes // groups`)
     and separate codebooks are stored as `[levels, num_codes // levels, feature_size]`.
 
+    Grouped residual VQ (HiFi-Codec) is `channel_groups=G`: the feature axis splits into `G`
+    groups of `feature_size // G` channels, each with a residual stack of its own (every
+    parameter and buffer gains a leading axis `G`, `misc["codes"]` is `[*B, G, levels]`). It
+    is named `channel_groups`, not `groups`, because `groups` already means the levels here
+    (vqtorch's name) and in `vqfunc.vqtorch`.
+
     Args:
         feature_size: size `F` of the quantized axis `dim`.
         num_codes: number of codes (with `share=False`, of all levels together).
@@ -89,7 +96,7 @@ class ResidualVectorQuantize(QuantizerShim):
             `beta`, `affine_lr`, `affine_groups`, `sync_nu`, `estimator`, `replace_freq`,
             `replace_rho`, `replace_rule`, `replace_threshold`, `replace_usage`,
             `replace_decay`, `ema_decay`, `ema_eps`, `kmeans_init`, `quantizer_dropout`,
-            `dropout_per`, `codebook_dim`, `dist`), with its default.
+            `dropout_per`, `codebook_dim`, `dist`, `channel_groups`), with its default.
     """
 
     cfg: ResidualConfig
@@ -172,7 +179,27 @@ class ResidualVectorQuantize(QuantizerShim):
         """
         self._copy_params(params)
         if self.cfg.ema_decay > 0:
-            self._write(None, self.state._replace(ema=init_ema_state(self.params, self.cfg)))
+            self._write(None, self.state._replace(ema=init_state(self.params, self.cfg).ema))
+
+    @torch.no_grad()
+    def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
+        """`kmeans_init`: fit the codebooks (of every group) to the unmasked vectors of `x`
+        (of every rank, under torch.distributed), once; without vectors, on a later batch."""
+        fitted = fit_stacks(
+            self.params,
+            x,
+            self.cfg,
+            method="kmeans",
+            generator=None,
+            kmeans_iters=20,
+            mask=mask,
+            sync=sync_for(self.process_group),
+            where=f"{type(self).__name__} (kmeans_init)",
+        )
+        if fitted is None:
+            return
+        self.load_params(fitted)
+        self._mark_kmeans_done()
 
     @torch.no_grad()
     def load_state(self, state: ResidualState) -> None:
@@ -248,6 +275,8 @@ class ResidualVectorQuantize(QuantizerShim):
             text += f", replace_rule={c.replace_rule!r}, replace_usage={c.replace_usage!r}"
         if c.kmeans_init:
             text += ", kmeans_init=True"
+        if c.channel_groups > 1:
+            text += f", channel_groups={c.channel_groups}"
         return text
 
 

@@ -13,7 +13,9 @@ Codec features: `n_levels=` at `quantize` / `dequantize` (fewer levels, a lower 
 `num_codes=(1024, 512, 256)` (one codebook size per level), `codebook_dim=` (learned
 projections around each level's lookup, `ResidualParams`; with `dist="cosine"` DAC's
 factorised lookup), quantizer dropout
-(`draw_dropout`, then `quantize(..., depth=)`), and `bitrate(cfg, frame_rate)`.
+(`draw_dropout`, then `quantize(..., depth=)`), `bitrate(cfg, frame_rate)`, and grouped
+residual VQ (`channel_groups=G`: HiFi-Codec's groups of channels, each with a residual stack
+of its own, params stacked on a leading group axis).
 
 The layer is `vqfunc.nn.ResidualVectorQuantize`.
 """

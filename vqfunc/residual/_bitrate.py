@@ -9,7 +9,8 @@ from vqfunc.residual._config import ResidualConfig
 
 
 def bitrate(cfg: ResidualConfig, frame_rate: float, n_levels: int | None = None) -> float:
-    """`frame_rate * sum_i log2(K_i)` over the first `n_levels` levels, in bit/s.
+    """`frame_rate * G * sum_i log2(K_i)` over the first `n_levels` levels, in bit/s
+    (`G = cfg.channel_groups`: every group spends its own codes on every frame).
 
     A level with `K_i` codes spends `log2(K_i)` bits on every frame (one code per vector):
     EnCodec's 24 kHz model (1024 codes, 75 frames per second) spends 750 bit/s per level,
@@ -30,4 +31,5 @@ def bitrate(cfg: ResidualConfig, frame_rate: float, n_levels: int | None = None)
     rate_ok = isinstance(frame_rate, (int, float)) and not isinstance(frame_rate, bool)
     if not rate_ok or not (math.isfinite(frame_rate) and frame_rate > 0):
         raise ValueError(f"{where}: frame_rate must be a finite number > 0, got {frame_rate!r}")
-    return frame_rate * sum(math.log2(k) for k in cfg.level_sizes[:n])
+    per_group = sum(math.log2(k) for k in cfg.level_sizes[:n])
+    return frame_rate * cfg.channel_groups * per_group

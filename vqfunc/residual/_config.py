@@ -51,6 +51,13 @@ class ResidualConfig(QuantizerConfig):
         dist: `"euclidean"` or `"cosine"`; cosine (which needs `codebook_dim`) searches with
             l2-normalised `e` and codes, and adds the raw code: DAC's factorised lookup. Without
             projections a unit code could not follow the residual's scale, so cosine needs them.
+        channel_groups: grouped residual VQ (HiFi-Codec's): the feature axis splits into
+            `G = channel_groups` groups of `feature_size // G` consecutive channels, each
+            quantized by a residual stack of its own (`levels` levels, its own codebooks and
+            projections; `num_codes` and `codebook_dim` are per group). Every param and state
+            tensor then has a leading group axis `G`, the codes are `[*B, G, n]`; `n_levels`,
+            `depth` and the mask apply to all groups alike. 1 (the default): one stack over
+            all channels, every shape as without groups. See `group_config`.
     """
 
     levels: int = 1
@@ -60,6 +67,7 @@ class ResidualConfig(QuantizerConfig):
     dropout_per: DropoutPer = "sample"
     codebook_dim: int | None = None
     dist: Dist = "euclidean"
+    channel_groups: int = 1
 
     _PARTS = "levels"
 
@@ -68,6 +76,7 @@ class ResidualConfig(QuantizerConfig):
             object.__setattr__(self, "num_codes", tuple(self.num_codes))
         self._check()
         self._positive_int("levels")
+        self._check_channel_groups()
         self._check_layout()
         self._in_range("ema_decay", 0.0, 1.0, high_open=True)
         self._non_negative("ema_eps")
@@ -78,6 +87,25 @@ class ResidualConfig(QuantizerConfig):
                 f"got {self.dropout_per!r}"
             )
         self._check_projection()
+
+    def _check_channel_groups(self) -> None:
+        self._positive_int("channel_groups")
+        if self.feature_size % self.channel_groups:
+            raise ValueError(
+                f"ResidualConfig: channel_groups={self.channel_groups} must divide "
+                f"feature_size={self.feature_size} (each group quantizes "
+                f"feature_size // channel_groups channels)"
+            )
+
+    @property
+    def group_config(self) -> ResidualConfig:
+        """The configuration of one group's residual stack: `channel_groups=1`,
+        `feature_size // channel_groups` features on `dim=-1` (itself without groups)."""
+        if self.channel_groups == 1:
+            return self
+        return dataclasses.replace(
+            self, channel_groups=1, feature_size=self.feature_size // self.channel_groups, dim=-1
+        )
 
     def _check_projection(self) -> None:
         if self.dist not in _DISTS:
@@ -143,7 +171,12 @@ class ResidualConfig(QuantizerConfig):
 
     @property
     def layout(self) -> CodebookLayout:
-        """One part per level, codes of `feature_size` (per-level sizes stored padded)."""
+        """One part per level, codes of `feature_size` (per-level sizes stored padded).
+
+        With `channel_groups > 1` the layout of one group (codes of
+        `feature_size // channel_groups`); the params stack `channel_groups` of them."""
+        if self.channel_groups > 1:
+            return self.group_config.layout
         sizes = self.num_codes
         stored = self.levels * max(sizes) if isinstance(sizes, tuple) else sizes
         return CodebookLayout(
@@ -157,9 +190,13 @@ class ResidualConfig(QuantizerConfig):
 
     @property
     def projection_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The shapes of `ResidualParams`' projections (empty without `codebook_dim`)."""
+        """The shapes of `ResidualParams`' projections (empty without `codebook_dim`), with the
+        leading group axis when `channel_groups > 1`."""
         if self.codebook_dim is None:
             return {}
+        if self.channel_groups > 1:
+            shapes = self.group_config.projection_shapes
+            return {name: (self.channel_groups, *shape) for name, shape in shapes.items()}
         f, d, n = self.feature_size, self.codebook_dim, self.levels
         return {
             "proj_in": (n, f, d),
@@ -167,6 +204,20 @@ class ResidualConfig(QuantizerConfig):
             "proj_out": (n, d, f),
             "proj_out_bias": (n, f),
         }
+
+    def describe(self) -> str:
+        """The fields that decide the params' shapes, as `name=value` pairs (for messages)."""
+        text = super().describe()
+        if self.channel_groups > 1:
+            text += f", channel_groups={self.channel_groups}"
+        return text
+
+    @property
+    def codebook_shape(self) -> tuple[int, ...]:
+        """Shape of `params.codebook`: `layout.codebook_shape`, with the leading group axis
+        when `channel_groups > 1`."""
+        shape = self.layout.codebook_shape
+        return shape if self.channel_groups == 1 else (self.channel_groups, *shape)
 
     def check_n_levels(self, n_levels: object, *, where: str) -> int:
         """`n_levels` as an int in `[1, levels]` (None: all levels); a clear error otherwise."""

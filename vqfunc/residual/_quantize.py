@@ -28,6 +28,12 @@ from vqfunc._params import ResidualParams, VQParams
 from vqfunc._quantize import compute_dtype, row_weights, valid_rows
 from vqfunc._search import nearest_codes
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._grouped import (
+    check_grouped_params,
+    grouped_dequantize,
+    grouped_init_params,
+    grouped_quantize,
+)
 from vqfunc.residual._levels import check_depth, check_level_codes, level_book, level_histogram
 from vqfunc.residual._projected import decode, init_projections, projected_levels
 
@@ -61,6 +67,11 @@ class ResidualOutput(NamedTuple):
             masked).
         num_invalid: scalar int64 count of those vectors (no host sync).
         depth: `[*B]` int64 number of levels each row's output sums (`n` without dropout).
+
+    With `G = cfg.channel_groups > 1` (grouped residual VQ) the per-group fields gain a group
+    axis: `codes` and `distances` `[*B, G, n]`, `residuals` `[*B, G, n + 1, F / G]`,
+    `histogram` `[G, num_books, K]`; `loss` and `perplexity` are the means over the groups,
+    and `z`, `codewords`, `valid`, `num_invalid`, `depth` keep their shapes.
     """
 
     codes: Tensor
@@ -89,9 +100,15 @@ def init_params(
         `VQParams` with `codebook` of shape `cfg.codebook_shape` and raw affine parameters of
         shape `[A, d]` (`[L, A, d]` with separate codebooks; `A = 0` when affine is off). With
         `cfg.codebook_dim` a `ResidualParams`, whose projections are normal with variance
-        `1 / fan_in` and biases zero.
+        `1 / fan_in` and biases zero. With `cfg.channel_groups = G > 1`, the params of the `G`
+        groups' stacks (`cfg.group_config`), drawn one after the other and stacked on a
+        leading axis `G`.
     """
     _validate.check_config(cfg, ResidualConfig, where="vqfunc.residual.init_params")
+    if cfg.channel_groups > 1:
+        return grouped_init_params(
+            init_params, cfg, generator=generator, device=device, dtype=dtype
+        )
     params = _params.init_params(cfg, generator=generator, device=device, dtype=dtype)
     if cfg.codebook_dim is None:
         return params
@@ -102,6 +119,9 @@ def init_params(
 def check_params(params: object, cfg: ResidualConfig, *, where: str) -> None:
     """`cfg` is a `ResidualConfig` and `params` (a `VQParams`, a `ResidualParams` with
     `cfg.codebook_dim`) are shaped as it says."""
+    if isinstance(cfg, ResidualConfig) and cfg.channel_groups > 1:
+        check_grouped_params(params, cfg, where=where)
+        return
     _validate.check_params(params, cfg, where=where, kind=ResidualConfig)
 
 
@@ -152,6 +172,9 @@ def quantize(
     `torch.func.vmap` and `torch.compile(fullgraph=True)`. The gradient estimator (and the
     synchronized update) act on the sum of the levels, and the loss compares `x` with that sum.
 
+    With `cfg.channel_groups = G > 1`, `torch.func.vmap` of the ungrouped quantizer over the
+    `G` channel groups (each with its own stack; see `docs/codec.md`), codes `[*B, G, n]`.
+
     With `cfg.codebook_dim` each level searches and learns through its projections (see
     `ResidualConfig.codebook_dim`): the output carries a straight-through gradient per level
     instead of `cfg.estimator` on the sum, and the loss is the sum over levels of the
@@ -180,6 +203,11 @@ def quantize(
         out: a `ResidualOutput`.
     """
     where = "vqfunc.residual.quantize"
+    _validate.check_config(cfg, ResidualConfig, where=where)
+    if cfg.channel_groups > 1:
+        return grouped_quantize(
+            quantize, params, x, cfg, mask=mask, n_levels=n_levels, depth=depth, where=where
+        )
     check_params(params, cfg, where=where)
     _validate.check_input(x, cfg, where=where)
     _validate.check_same_device(x, params, where=where)
@@ -253,7 +281,8 @@ def dequantize(
     Args:
         params: the codebook(s).
         codes: `[*B, L]` integer codes, one per level (indices into the level's own codebook
-            with separate codebooks), or `[*B, n]` with `n_levels=n`.
+            with separate codebooks), or `[*B, n]` with `n_levels=n`; `[*B, G, L]` (or
+            `[*B, G, n]`) with `cfg.channel_groups = G > 1`.
         cfg: the static configuration.
         n_levels: decode only the first `n` levels (of `[*B, L]` codes, or all of `[*B, n]`
             codes); None: all `L` levels (codes must then have `L` entries).
@@ -262,6 +291,9 @@ def dequantize(
         `[..., F (at cfg.dim), ...]` tensor of rank `len(B) + 1` in the params' dtype.
     """
     where = "vqfunc.residual.dequantize"
+    _validate.check_config(cfg, ResidualConfig, where=where)
+    if cfg.channel_groups > 1:
+        return grouped_dequantize(dequantize, params, codes, cfg, n_levels=n_levels, where=where)
     check_params(params, cfg, where=where)
     codes, n = check_level_codes(codes, cfg, n_levels, where=where)
     if codes.device != params.codebook.device:

@@ -51,6 +51,12 @@ from vqfunc._replace import (
 from vqfunc._state import check_state
 from vqfunc._validate import check_config
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._grouped import (
+    check_grouped_params,
+    group_of,
+    grouped_update_state,
+    stack_groups,
+)
 from vqfunc.residual._levels import padding_slots
 from vqfunc.residual._projected import search_vectors
 from vqfunc.residual._quantize import ResidualOutput
@@ -78,6 +84,11 @@ def init_state(params: VQParams | ResidualParams, cfg: ResidualConfig) -> Residu
     """The initial state on the params' device: EMA statistics of one pseudo-observation per
     code and counters at `cfg.replace_freq` (each empty when its technique is off)."""
     check_config(cfg, ResidualConfig, where="vqfunc.residual.init_state")
+    if cfg.channel_groups > 1:
+        group_cfg = cfg.group_config
+        return stack_groups(
+            [init_state(group_of(params, g), group_cfg) for g in range(cfg.channel_groups)]
+        )
     return ResidualState(
         ema=init_ema_state(params, cfg),  # type: ignore[arg-type]
         replace=init_replace_state(params, cfg),  # type: ignore[arg-type]
@@ -88,6 +99,8 @@ def check_residual_state(
     state: object, params: VQParams | ResidualParams, cfg: ResidualConfig, *, where: str
 ) -> None:
     """`state` is a `ResidualState` shaped as `cfg` says, on the params' device."""
+    if cfg.channel_groups > 1:
+        check_grouped_params(params, cfg, where=where)
     check_state(state, params, cfg, where=where, kind=ResidualState, init=init_state)
 
 
@@ -107,7 +120,9 @@ def update_state(
     `replace_threshold > 0` with `replace_rule="usage"`). Only the levels a row reached (its
     `depth`, `n_levels`) count for that level; a level no row reached takes no step.
 
-    Pure, without host syncs. With every technique off it returns its inputs.
+    Pure, without host syncs. With every technique off it returns its inputs. With
+    `cfg.channel_groups > 1` each group's stack takes this step in turn (its own EMA, counters
+    and candidates; `sync` then reduces once per group).
 
     Args:
         params: the params `out` was computed with.
@@ -119,7 +134,8 @@ def update_state(
         generator: source of randomness for the candidates.
         randomness: pre-drawn randomness instead of `generator`, from
             `vqfunc.draw_replace_randomness(num_rows, cfg)` (`num_rows` the number of input
-            vectors).
+            vectors); with `cfg.channel_groups = G > 1`, `G` draws for `cfg.group_config`
+            stacked on a leading axis.
         sync: under data parallelism, `vqfunc.distributed.sync_for(group)`: the histogram and
             the EMA statistics are summed over the ranks and the candidates shared, so every
             rank takes the same step.
@@ -133,6 +149,18 @@ def update_state(
     check_residual_state(state, params, cfg, where=where)
     if not cfg.replaces_codes and cfg.ema_decay <= 0:
         return params, state
+    if cfg.channel_groups > 1:
+        return grouped_update_state(
+            update_state,
+            params,
+            state,
+            out,
+            cfg,
+            mask=mask,
+            generator=generator,
+            randomness=randomness,
+            sync=sync,
+        )
     # Rows with a non-finite entry count as masked.
     mask = row_weights(out.valid, mask, out.z.dtype)
     with torch.no_grad():

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from vqfunc._params import AnyParams, ResidualParams, VQParams
 from vqfunc._search import nearest_codes
+from vqfunc._validate import check_config
 from vqfunc._warmup import WarmupMethod, fit_codes, fit_params
 from vqfunc.residual._config import ResidualConfig
+from vqfunc.residual._grouped import grouped_fit
 from vqfunc.residual._projected import project_in, project_out, search
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ def warmup_params(
         ValueError: when no finite, unmasked vector is left (on any rank).
     """
     where = "vqfunc.residual.warmup_params"
-    fitted = fit_params(
+    fitted = fit_stacks(
         params,
         x,
         cfg,
@@ -71,6 +73,23 @@ def warmup_params(
             "masked ones are left out; expected at least one"
         )
     return fitted
+
+
+def fit_stacks(
+    params: VQParams | ResidualParams,
+    x: Tensor,
+    cfg: ResidualConfig,
+    *,
+    mask: Tensor | None,
+    where: str,
+    **options: Any,
+) -> VQParams | ResidualParams | None:
+    """`fit_params` of the residual stack, or of each group's stack in turn on its channels
+    (`cfg.channel_groups > 1`); None when no vector is left (on any rank)."""
+    check_config(cfg, ResidualConfig, where=where)
+    if cfg.channel_groups > 1:
+        return grouped_fit(fit_params, params, x, cfg, mask=mask, where=where, **options)
+    return fit_params(params, x, cfg, mask=mask, where=where, **options)
 
 
 def fit_levels(
