@@ -9,6 +9,7 @@ import torch
 
 import vqfunc.bench as _package
 from vqfunc._search import uses_cpu_kernel
+from vqfunc.bench._kmeans import KMEANS_QUICK_SHAPES, KMEANS_SHAPES, run_kmeans
 from vqfunc.bench._lfq import lfq_check
 from vqfunc.bench._search import (
     FULL_SHAPES,
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--lfq", type=int, default=None, metavar="BITS", help="LFQ loss cost")
     parser.add_argument("--rows", type=int, default=4096, help="vectors for --lfq")
+    parser.add_argument("--kmeans", action="store_true", help="k-means vs faiss and sklearn")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -60,8 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    elif args.kmeans:
+        shapes = list(KMEANS_QUICK_SHAPES if args.quick else KMEANS_SHAPES)
     else:
         shapes = list(QUICK_SHAPES if args.quick else FULL_SHAPES)
+    if args.kmeans:
+        return run_kmeans(shapes, device)  # type: ignore[arg-type]
     repeats = 1 if args.quick else args.repeats
     size = 512 if args.quick else 2048
     rate = gemm_rate(device, torch.promote_types(dtype, torch.float32), repeats, size)
