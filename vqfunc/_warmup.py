@@ -78,7 +78,7 @@ def warmup_params(
         cfg: the static configuration.
         method: `"data"` draws codes from the data (without replacement; with replacement
             plus small noise when there are fewer vectors than codes); `"kmeans"` runs
-            k-means++ seeding and `kmeans_iters` Lloyd iterations (spherical for cosine),
+            k-means|| seeding and `kmeans_iters` Lloyd iterations (spherical for cosine),
             falling back to `"data"` when there are fewer vectors than codes.
         generator: source of randomness; the same seed gives the same codebook.
         kmeans_iters: Lloyd iterations for `"kmeans"`.

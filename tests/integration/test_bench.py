@@ -70,3 +70,29 @@ def test_lfq_cost_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "bits=6, N=300" in out and "forward+backward ms" in out
     report = bench.lfq_check(4, 50, torch.device("cpu"), torch.float32, 1)
     assert report["full table MiB"] == pytest.approx(50 * 16 * 4 / 2**20)
+
+
+def test_kmeans_error_equals_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    data, centroids = torch.randn(50, 3, generator=g), torch.randn(7, 3, generator=g)
+    diff = data.double().unsqueeze(1) - centroids.double().unsqueeze(0)
+    expected = diff.square().sum(-1).min(-1).values.mean().item()
+    assert bench.kmeans_error(data, centroids) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("keep_threads")
+def test_kmeans_quick_run_prints_sane_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--kmeans", "--quick", "--threads", "1"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[-1].strip().splitlines()
+    assert "vqfunc s" in table[0] and "faiss s" in table[0] and "sklearn s" in table[0]
+    rows = table[2:]
+    assert len(rows) == len(bench.KMEANS_QUICK_SHAPES)
+    for line, (n, d, k) in zip(rows, bench.KMEANS_QUICK_SHAPES, strict=True):
+        cells = line.replace("|", " ").split()
+        assert cells[:3] == [str(n), str(d), str(k)]
+        errors = [float(cells[i]) for i in (4, 6, 8) if cells[i] != "-"]
+        # Standard-normal data: every error is below the data's own variance (d per point),
+        # and vqfunc's is within a few percent of the best library's.
+        assert all(0 < e < d for e in errors)
+        assert errors[0] <= 1.15 * min(errors)

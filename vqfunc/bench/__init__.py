@@ -20,14 +20,23 @@ Options: `--device cuda`, `--dtype`, `--threads`, `--repeats`, `--quick` (tiny s
 the test suite, which checks the codes, never the timings), `--memory` (peak extra memory
 of `quantize` on N = 1,000,000, D = 64, K = 8192) and `--lfq BITS` (time and peak extra memory
 of the loss of `vqfunc.lfq.quantize` at `BITS` bits on `--rows` vectors, forward and
-forward+backward, next to the size of the `N x 2**BITS` table a full computation would hold).
-`--gpu-check` runs the CUDA tests and compares the torch and Triton paths on CUDA
-(`vqfunc.bench._gpu_check`).
+forward+backward, next to the size of the `N x 2**BITS` table a full computation would hold),
+`--kmeans` (`warmup_params(method="kmeans")` against faiss and scikit-learn k-means, time
+and error; see `vqfunc.bench._kmeans`) and `--gpu-check` (the CUDA tests, then the torch and
+Triton paths compared on CUDA; see `vqfunc.bench._gpu_check`).
 """
 
 from __future__ import annotations
 
 from vqfunc.bench._cli import main
+from vqfunc.bench._kmeans import (
+    KMEANS_QUICK_SHAPES,
+    KMEANS_SHAPES,
+    KMeansRow,
+    format_kmeans_table,
+    kmeans_error,
+    kmeans_row,
+)
 from vqfunc.bench._lfq import lfq_check
 from vqfunc.bench._search import (
     FULL_SHAPES,
@@ -42,13 +51,19 @@ from vqfunc.bench._timing import PeakMemory, gemm_rate
 
 __all__ = [
     "FULL_SHAPES",
+    "KMEANS_QUICK_SHAPES",
+    "KMEANS_SHAPES",
     "MEMORY_SHAPE",
     "QUICK_SHAPES",
+    "KMeansRow",
     "PeakMemory",
     "Row",
     "bench_shape",
+    "format_kmeans_table",
     "format_table",
     "gemm_rate",
+    "kmeans_error",
+    "kmeans_row",
     "lfq_check",
     "main",
     "memory_check",

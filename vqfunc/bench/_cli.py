@@ -11,6 +11,7 @@ import torch
 import vqfunc.bench as _package
 from vqfunc._search import uses_cpu_kernel
 from vqfunc.bench._gpu_check import gpu_check
+from vqfunc.bench._kmeans import KMEANS_QUICK_SHAPES, KMEANS_SHAPES, run_kmeans
 from vqfunc.bench._lfq import lfq_check
 from vqfunc.bench._peak import fma_peak
 from vqfunc.bench._search import (
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the CUDA tests, then torch against Triton on CUDA (run in the repository root)",
     )
+    parser.add_argument("--kmeans", action="store_true", help="k-means vs faiss and sklearn")
     args = parser.parse_args(argv)
     if args.gpu_check:
         return gpu_check(Path.cwd(), quick=args.quick)
@@ -70,8 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    elif args.kmeans:
+        shapes = list(KMEANS_QUICK_SHAPES if args.quick else KMEANS_SHAPES)
     else:
         shapes = list(QUICK_SHAPES if args.quick else FULL_SHAPES)
+    if args.kmeans:
+        return run_kmeans(shapes, device)  # type: ignore[arg-type]
     repeats = 1 if args.quick else args.repeats
     size = 512 if args.quick else 2048
     rate = gemm_rate(device, torch.promote_types(dtype, torch.float32), repeats, size)

@@ -11,7 +11,7 @@ the next batch. What it fits:
 - `ResidualVectorQuant`: shared, the residuals `misc["z_res"]` of all levels pooled (as the
   first pass computed them); separate, level `i`'s block to the residual it searched.
 
-With more vectors than codes the codes are vqfunc's k-means (k-means++ seeding and Lloyd
+With more vectors than codes the codes are vqfunc's k-means (k-means|| seeding and Lloyd
 iterations, plain torch on CPU or GPU, where vqtorch needs CUDA and torchpq); with fewer, the
 vectors are repeated until every code has one, plus noise of standard deviation 1e-3 (with a
 warning). Unlike vqtorch, the codebook keeps its size when the number of codes is not a
