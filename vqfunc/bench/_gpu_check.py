@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from vqfunc import kernels
-from vqfunc._config import VQConfig
-from vqfunc._params import VQParams, init_params
+from vqfunc._params import VQParams
 from vqfunc._quantize import quantize
 from vqfunc._search import nearest_codes
+from vqfunc.bench._search import _quantize_setup
 from vqfunc.bench._timing import _once
 
 # (N, D, K): small and large batches, narrow and wide codes, small and large codebooks.
@@ -73,23 +73,13 @@ def run_cuda_tests(root: Path, seconds: int = _TEST_SECONDS) -> int:
         return 124
 
 
-def _setup(
-    shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
-) -> tuple[VQConfig, VQParams, torch.Tensor]:
-    n, d, k = shape
-    gen = torch.Generator().manual_seed(n + 7 * d + 31 * k)
-    cfg = VQConfig(feature_size=d, num_codes=k, dim=-1)
-    params = init_params(cfg, generator=gen)
-    params = VQParams(*(t.to(device=device, dtype=dtype) for t in params))
-    x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
-    return cfg, params, x
-
-
 def bench_gpu_shape(
     shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, repeats: int
 ) -> GpuRow:
     """Time the search, `quantize` forward and forward+backward on both CUDA backends."""
-    cfg, params, x = _setup(shape, dtype, device)
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(n + 7 * d + 31 * k)
+    cfg, params, x = _quantize_setup(n, d, k, device, dtype, gen)
     leaf = VQParams(*(t.detach().requires_grad_(True) for t in params))
     leaf_x = x.detach().requires_grad_(True)
 

@@ -127,11 +127,15 @@ class QuantizerShim(nn.Module):
         """Copy `params` into the layer's parameters (shapes must match)."""
         self._copy_params(params)
 
+    def _fit_for_kmeans_init(self, *args: Any, **kwargs: Any) -> Any:
+        """The warm-up fit `kmeans_init` runs (`fit_params`; the residual layer fits stacks)."""
+        return fit_params(*args, **kwargs)
+
     @torch.no_grad()
     def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
         """`kmeans_init`: fit the codebook to the unmasked vectors of `x` (of every rank, under
         torch.distributed), once. No rank has vectors yet: try again on the next batch."""
-        fitted = fit_params(
+        fitted = self._fit_for_kmeans_init(
             self.params,
             x,
             self.cfg,

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from vqfunc._params import ResidualParams, VQParams
 from vqfunc._validate import check_input
-from vqfunc.distributed import sync_for
 from vqfunc.nn._base import QuantizerShim, describe, misc_with_aliases
 from vqfunc.nn._config_arguments import config_from_arguments, with_config_signature
 from vqfunc.residual._config import ResidualConfig
@@ -181,25 +180,9 @@ class ResidualVectorQuantize(QuantizerShim):
         if self.cfg.ema_decay > 0:
             self._write(None, self.state._replace(ema=init_state(self.params, self.cfg).ema))
 
-    @torch.no_grad()
-    def _kmeans_warmup(self, x: Tensor, mask: Tensor | None) -> None:
-        """`kmeans_init`: fit the codebooks (of every group) to the unmasked vectors of `x`
-        (of every rank, under torch.distributed), once; without vectors, on a later batch."""
-        fitted = fit_stacks(
-            self.params,
-            x,
-            self.cfg,
-            method="kmeans",
-            generator=None,
-            kmeans_iters=20,
-            mask=mask,
-            sync=sync_for(self.process_group),
-            where=f"{type(self).__name__} (kmeans_init)",
-        )
-        if fitted is None:
-            return
-        self.load_params(fitted)
-        self._mark_kmeans_done()
+    def _fit_for_kmeans_init(self, *args: Any, **kwargs: Any) -> Any:
+        """`kmeans_init` fits the codebooks of every level (and of every channel group)."""
+        return fit_stacks(*args, **kwargs)
 
     @torch.no_grad()
     def load_state(self, state: ResidualState) -> None:
