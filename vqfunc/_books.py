@@ -37,13 +37,19 @@ def rows_per_book(num_rows: int, cfg: QuantizerConfig) -> int:
 def book_vectors(
     z: Tensor, codes: Tensor, cfg: QuantizerConfig, mask: Tensor | None = None
 ) -> BookVectors:
-    """`QuantizeOutput.z` `[*B, F]` and `.codes` `[*B(, G)]` (and a `[*B]` mask) per codebook."""
+    """`QuantizeOutput.z` `[*B, F]` and `.codes` `[*B(, G)]` (and a mask) per codebook.
+
+    The mask is `[*B]` (one weight per row) or `[*B, G]` (one per row and part, e.g. the
+    levels a row's quantizer-dropout depth reached)."""
     rows = z.reshape(-1, cfg.layout.parts, cfg.layout.code_dim)
     row_codes = codes.reshape(-1, cfg.layout.parts).long()
     if mask is None:
         weights = torch.ones(row_codes.shape, device=z.device, dtype=z.dtype)
     else:
-        weights = mask.reshape(-1, 1).to(z.dtype).expand(row_codes.shape)
+        # `[*B, G]` has `z`'s number of axes, `[*B]` one fewer.
+        per_part = mask.dim() == z.dim()
+        weights = mask.reshape(-1, cfg.layout.parts if per_part else 1).to(z.dtype)
+        weights = weights.expand(row_codes.shape)
     if cfg.share:
         return BookVectors(
             rows.reshape(1, -1, cfg.layout.code_dim),

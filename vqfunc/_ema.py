@@ -97,7 +97,8 @@ def ema_statistics(
         z: `[*B, F]` the searched vectors, `QuantizeOutput.z`.
         codes: `[*B]` (or `[*B, G]`) their codes, `QuantizeOutput.codes`.
         cfg: the static configuration.
-        mask: optional `[*B]` mask (bool or float weights); masked rows do not count.
+        mask: optional `[*B]` mask (bool or float weights; masked rows do not count), or
+            `[*B, G]` weights per row and part.
 
     Returns:
         `EMAStatistics` in `z`'s dtype (at least float32).

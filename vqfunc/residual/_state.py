@@ -35,6 +35,7 @@ from torch import Tensor
 from vqfunc._ema import (
     EMAState,
     EMAStatistics,
+    ema_statistics,
     ema_update,
     init_ema_state,
     reset_codes,
@@ -172,7 +173,8 @@ def update_state(
         histogram, reached = out.histogram, levels_reached(out, cfg)
         new_params = params
         if cfg.ema_decay > 0:
-            stats = level_statistics(searched, codes, level_weights(out, cfg, mask), cfg)
+            weights = level_weights(out, cfg, mask)
+            stats = ema_statistics(searched.flatten(-2), codes, cfg, mask=weights)
             if sync is not None:
                 histogram, reached, counts, sums = sync.reduce_sum(histogram, reached, *stats)
                 stats = EMAStatistics(counts, sums)
@@ -229,34 +231,6 @@ def level_weights(out: ResidualOutput, cfg: ResidualConfig, mask: Tensor | None)
     if mask is None:
         return reached
     return reached * mask.to(out.z.dtype).unsqueeze(-1)
-
-
-def level_statistics(
-    searched: Tensor, codes: Tensor, weights: Tensor, cfg: ResidualConfig
-) -> EMAStatistics:
-    """EMA batch counts `[num_books, K]` and sums `[num_books, K, d]` of the residuals each
-    level searched (`searched` `[*B, L, d]`, `codes` `[*B, L]`), each (row, level) pair
-    weighted by `weights` `[*B, L]`: pooled over the levels for a shared codebook, level by
-    level otherwise."""
-    d = searched.shape[-1]
-    dtype = torch.promote_types(searched.dtype, torch.float32)
-    vectors = searched.detach().to(dtype).reshape(-1, cfg.levels, d)
-    level_codes = codes.reshape(-1, cfg.levels).long()
-    w = weights.reshape(-1, cfg.levels).to(dtype)
-    if cfg.share:
-        vectors, level_codes, w = (
-            vectors.reshape(1, -1, d),
-            level_codes.reshape(1, -1),
-            w.reshape(1, -1),
-        )
-    else:
-        vectors, level_codes, w = vectors.transpose(0, 1), level_codes.t(), w.t()
-    k = cfg.layout.codes_per_book
-    counts = w.new_zeros(w.shape[0], k).scatter_add(1, level_codes, w)
-    weighted = vectors * w.unsqueeze(-1)
-    index = level_codes.unsqueeze(-1).expand(weighted.shape)
-    sums = weighted.new_zeros(w.shape[0], k, d).scatter_add(1, index, weighted)
-    return EMAStatistics(counts, sums)
 
 
 def all_levels(out: ResidualOutput, cfg: ResidualConfig) -> tuple[Tensor, Tensor]:
