@@ -38,6 +38,10 @@
 #define ROW_BLOCK 240
 /* From this code dimension on, a panel is swept over all row tiles of a block (see
  * panel_tile); below it, a row tile is swept over all panels of a code block (tile). */
+/* Up to this code dimension the final recomputation scores a row's whole group with vectors
+ * (rescan_group: at most 4 KiB of panels); above it, only the few candidates on the lanes that
+ * hold the row's minimum (first_code), which reads a few code rows instead of the panels. */
+#define SMALL_RESCAN_D 16
 #ifndef PANEL_MAJOR_D
 #define PANEL_MAJOR_D 128
 #endif
@@ -79,13 +83,6 @@ int vq_supported(void) { return 1; }
 #define VQ_IN_REGISTER(v) __asm__ volatile("" : "+g"(v))
 #endif
 
-/* ||x - c|| over d floats. */
-static float vq_distance(const float *x, const float *c, int64_t d) {
-    float sq = 0.0f;
-    for (int64_t j = 0; j < d; ++j) sq += (x[j] - c[j]) * (x[j] - c[j]);
-    return sqrtf(sq);
-}
-
 /* The paths, one instantiation of nearest_path.h each. */
 
 /* Portable: GCC vector extensions only, for any architecture (lowered to SSE2 on x86-64, to
@@ -97,6 +94,10 @@ static float vq_distance(const float *x, const float *c, int64_t d) {
 #define TILE_PANELS 1
 #define FMA_CHAINS 12
 #define V_MIN(a, b) PATH(select)((a) < (b), (a), (b))
+/* Plain expressions: the compiler contracts the vector and the scalar form by the same rules
+ * of the target (no FMA on x86-64's baseline, one fused step on aarch64). */
+#define V_STEP(a, x, b) ((a) - (x) * (b))
+#define SCORE_STEP(a, x, b) ((a) - (x) * (b))
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -105,6 +106,8 @@ static float vq_distance(const float *x, const float *c, int64_t d) {
 #undef TILE_PANELS
 #undef FMA_CHAINS
 #undef V_MIN
+#undef V_STEP
+#undef SCORE_STEP
 
 #ifdef VQ_X86
 /* AVX2 + FMA: 16 ymm registers, a tile of 6 rows x 16 codes. */
@@ -115,6 +118,8 @@ static float vq_distance(const float *x, const float *c, int64_t d) {
 #define TILE_PANELS 1
 #define FMA_CHAINS 12
 #define V_MIN(a, b) ((PATH(vf))_mm256_min_ps((a), (b)))
+#define V_STEP(a, x, b) ((PATH(vf))_mm256_fnmadd_ps(_mm256_set1_ps(x), (b), (a)))
+#define SCORE_STEP(a, x, b) __builtin_fmaf(-(x), (b), (a))
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -123,6 +128,8 @@ static float vq_distance(const float *x, const float *c, int64_t d) {
 #undef TILE_PANELS
 #undef FMA_CHAINS
 #undef V_MIN
+#undef V_STEP
+#undef SCORE_STEP
 
 /* AVX-512: 32 zmm registers, a tile of 6 rows x 64 codes (24 accumulators, 4 code vectors,
  * the row values broadcast from memory by the FMAs themselves). */
@@ -133,6 +140,8 @@ static float vq_distance(const float *x, const float *c, int64_t d) {
 #define TILE_PANELS 4
 #define FMA_CHAINS 24
 #define V_MIN(a, b) ((PATH(vf))_mm512_min_ps((a), (b)))
+#define V_STEP(a, x, b) ((PATH(vf))_mm512_fnmadd_ps(_mm512_set1_ps(x), (b), (a)))
+#define SCORE_STEP(a, x, b) __builtin_fmaf(-(x), (b), (a))
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -141,10 +150,13 @@ static float vq_distance(const float *x, const float *c, int64_t d) {
 #undef TILE_PANELS
 #undef FMA_CHAINS
 #undef V_MIN
+#undef V_STEP
+#undef SCORE_STEP
 #endif
 
 typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, const float *, const float *,
-                       int64_t, int64_t, const float *, const float *, int64_t *, float *);
+                       int64_t, int64_t, const float *, const float *, const float *, int64_t *,
+                       float *);
 
 static rows_fn rows_for(int isa) {
     switch (isa) {
@@ -164,12 +176,14 @@ static rows_fn rows_for(int isa) {
  * no oversubscription). The packed codes are centred on `center` [d] (the codebook's mean) and
  * each row block is centred the same way before it is scored: distances are invariant to the
  * translation, and the scores h - x.c then do not cancel catastrophically when the data share
- * a large offset. Writes codes[0:n] and the Euclidean distances ||x - codebook[code]|| (of the
- * uncentred vectors) to distances[0:n]. */
+ * a large offset; `centred` [num_codes][d] holds the centred codes in rows (the values packed),
+ * from which the final recomputation reads its few candidates. Writes codes[0:n] and the
+ * Euclidean distances ||x - codebook[code]|| (of the uncentred vectors) to distances[0:n]. */
 int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
                    const float *half_norms, int64_t padded_groups, int64_t num_codes,
-                   const float *codebook, const float *center, int64_t *codes,
-                   float *distances, int64_t rows_per_slice, int threads, int isa) {
+                   const float *codebook, const float *centred, const float *center,
+                   int64_t *codes, float *distances, int64_t rows_per_slice, int threads,
+                   int isa) {
     if (!vq_isa_supported(isa) || d < 1 || rows_per_slice < 1) return VQ_UNSUPPORTED;
     const rows_fn rows = rows_for(isa);
     const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
@@ -179,7 +193,7 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
         const int result = rows(x, begin, end, d, packed, half_norms, padded_groups, num_codes,
-                                codebook, center, codes, distances);
+                                codebook, centred, center, codes, distances);
         VQ_RECORD_FAILURE(status, result);
     }
     return status;

@@ -9,11 +9,14 @@
  *   TILE_PANELS    panels (of PANEL codes) of a register tile
  *   V_MIN(a, b)    the lane-wise minimum, b where either is NaN (as x86 minps)
  *   FMA_CHAINS     independent accumulators of the FMA probe
+ *   V_STEP(a, x, b)      one step a - x b of the scores (vectors a, b, scalar x): one fused
+ *                  multiply-subtract where the path has FMA
+ *   SCORE_STEP(a, x, b)  the same step on floats, rounded the same way
  *
  * A register tile holds TILE_ROWS x TILE_PANELS x (PANEL / LANES) accumulators; the scores are
- * s(x, k) = h_k - x . c_k, each one accumulated by the same sequence of fused (or, without
- * FMA, separate) multiply-subtracts in the tile loop and in the final recomputation, so the two
- * agree bit for bit. Everything is undefined again at the end of the file.
+ * s(x, k) = h_k - x . c_k, each one accumulated by the same sequence of steps (V_STEP in the
+ * tile loop, SCORE_STEP in the final recomputation: fused multiply-subtracts where the path has
+ * FMA), so the two agree bit for bit. Everything is undefined again at the end of the file.
  */
 
 #define VPP (PANEL / LANES)             /* vectors per panel */
@@ -75,8 +78,8 @@ INLINE int64_t PATH(rescan_panels)(const float *x, int64_t d, const float *packe
         const float xj = x[j];
         for (int p = 0; p < gp; ++p)
             for (int v = 0; v < VPP; ++v)
-                a[p * VPP + v] =
-                    a[p * VPP + v] - xj * PATH(load)(pp + p * d * PANEL + j * PANEL + v * LANES);
+                a[p * VPP + v] = V_STEP(a[p * VPP + v], xj,
+                                        PATH(load)(pp + p * d * PANEL + j * PANEL + v * LANES));
     }
     /* The smallest code whose score equals the target, with vector compares. */
     const VF want = PATH(splat)(target);
@@ -103,6 +106,60 @@ PATH_TARGET static int64_t PATH(rescan_group)(const float *x, int64_t d, const f
         default:
             return PATH(rescan_panels)(x, d, packed, half_norms, MAX_GROUP_PANELS, g, target);
     }
+}
+
+/* The first code of group g (of gp panels) whose score for the row x equals v, or -1. Lane l
+ * of a row's minima covers the codes c = g gp PANEL + q LANES + l (q < gp VPP) of group g, so
+ * only the lanes holding v first reached in g (best == v, best_group == g) have candidates, gp
+ * VPP each: their scores are recomputed from the centred codes in rows (codes [num_codes][d])
+ * by the very multiply-subtract sequence of the tile loop, four independent chains at a time,
+ * and compared in code order. Reads a few code rows, not the group's panels. */
+INLINE int64_t PATH(first_code)(const float *x, int64_t d, const float *rows,
+                                const float *half_norms, int64_t num_codes,
+                                const float *best, const int32_t *best_group, int64_t gp,
+                                int32_t g, float v) {
+    /* The lanes holding v first reached in g, as bits. */
+    const VI holds = (PATH(load)(best) == PATH(splat)(v)) & (PATH(loadi)(best_group) == g);
+    uint32_t lanes = 0;
+#pragma GCC unroll 16
+    for (int l = 0; l < LANES; ++l) lanes |= (uint32_t)(holds[l] & 1) << l;
+    int64_t candidates[MAX_GROUP_PANELS * PANEL];
+    int count = 0;
+    for (int q = 0; q < gp * VPP; ++q)
+        for (uint32_t bits = lanes; bits != 0; bits &= bits - 1) {
+            const int64_t c = (int64_t)g * gp * PANEL + q * LANES + __builtin_ctz(bits);
+            if (c < num_codes) candidates[count++] = c;
+        }
+    for (int i = 0; i < count; i += 4) {
+        /* Up to four candidates at a time (the last one repeated to fill the chains). */
+        int64_t c[4];
+        float a[4];
+        for (int u = 0; u < 4; ++u) {
+            c[u] = candidates[i + u < count ? i + u : count - 1];
+            a[u] = half_norms[c[u]];
+        }
+        for (int64_t j = 0; j < d; ++j) {
+            const float xj = x[j];
+            for (int u = 0; u < 4; ++u) a[u] = SCORE_STEP(a[u], xj, rows[c[u] * d + j]);
+        }
+        for (int u = 0; u < 4 && i + u < count; ++u)
+            if (a[u] == v) return c[u];
+    }
+    return -1;
+}
+
+/* ||x - c|| over d floats, with LANES partial sums. */
+INLINE float PATH(distance)(const float *x, const float *c, int64_t d) {
+    VF acc = {0};
+    int64_t j = 0;
+    for (; j + LANES <= d; j += LANES) {
+        const VF diff = PATH(load)(x + j) - PATH(load)(c + j);
+        acc += diff * diff;
+    }
+    float sq = 0.0f;
+    for (int l = 0; l < LANES; ++l) sq += acc[l];
+    for (; j < d; ++j) sq += (x[j] - c[j]) * (x[j] - c[j]);
+    return sqrtf(sq);
 }
 
 /* The minimum v of a row's lane minima, and the first group g holding it (the smallest group
@@ -140,7 +197,7 @@ INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, cons
     for (int v = 0; v < NV; ++v) b[v] = PATH(load)(pp + (v / VPP) * d * PANEL + (v % VPP) * LANES);
     for (int i = 0; i < TILE_ROWS; ++i) {
         const float x0 = xr[i * d];
-        for (int v = 0; v < NV; ++v) a[i][v] = h[v] - x0 * b[v];
+        for (int v = 0; v < NV; ++v) a[i][v] = V_STEP(h[v], x0, b[v]);
     }
 #pragma GCC unroll 4
     for (int64_t j = 1; j < d; ++j) {
@@ -148,7 +205,7 @@ INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, cons
             b[v] = PATH(load)(pp + (v / VPP) * d * PANEL + j * PANEL + (v % VPP) * LANES);
         for (int i = 0; i < TILE_ROWS; ++i) {
             const float xj = xr[i * d + j];
-            for (int v = 0; v < NV; ++v) a[i][v] = a[i][v] - xj * b[v];
+            for (int v = 0; v < NV; ++v) a[i][v] = V_STEP(a[i][v], xj, b[v]);
         }
     }
     for (int i = 0; i < TILE_ROWS; ++i) {
@@ -198,7 +255,8 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
                                           int64_t d, const float *packed,
                                           const float *half_norms, int64_t padded_groups,
                                           int64_t num_codes, const float *codebook,
-                                          const float *center, int64_t *codes,
+                                          const float *centred, const float *center,
+                                          int64_t *codes,
                                           float *distances) {
     /* One heap buffer (nothing large on the thread stack): the centred rows of one block,
      * padded with its last row to whole tiles, then the lane minima of the block's rows (best,
@@ -266,13 +324,18 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             int32_t g;
             PATH(row_minimum)(best[i], best_group[i], &v, &g);
             /* The first code reaching v lies in group g (every lane holding v there has g as
-             * its first group reaching v), so one group is recomputed. */
-            int64_t k_best =
-                g == INT32_MAX ? -1 : PATH(rescan_group)(row, d, packed, half_norms, gp, g, v);
+             * its first group reaching v). Small d: the group is recomputed with vectors (a
+             * few KiB of panels); larger d: only its candidates on the lanes holding v. */
+            int64_t k_best = -1;
+            if (g != INT32_MAX && d <= SMALL_RESCAN_D)
+                k_best = PATH(rescan_group)(row, d, packed, half_norms, gp, g, v);
+            else if (g != INT32_MAX)
+                k_best = PATH(first_code)(row, d, centred, half_norms, num_codes, best[i],
+                                          best_group[i], gp, g, v);
             /* No finite minimum (NaN inputs or overflow), or a padding code: code 0. */
             if (k_best < 0 || k_best >= num_codes) k_best = 0;
             codes[r0 + i] = k_best;
-            distances[r0 + i] = vq_distance(x + (r0 + i) * d, codebook + k_best * d, d);
+            distances[r0 + i] = PATH(distance)(x + (r0 + i) * d, codebook + k_best * d, d);
         }
     }
     free(block);
