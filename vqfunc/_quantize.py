@@ -5,7 +5,8 @@ The search is written for one codebook and one group (`nearest_codes`); grouped 
 stacked per group (`in_dims=0`). The straight-through estimator (the default) then takes a
 fused path: the output and the commitment loss are one chunked node over all groups' rows
 (`vqfunc._kernels.straight_through`), which keeps the forward and backward free of `N x F`
-temporaries.
+temporaries. For Euclidean distances on float32 CPU tensors the whole quantizer is one operator
+(`vqfunc._fused_quantize`): the search, then one compiled pass for everything after it.
 
 Degenerate data (the policy, the same on every backend and device). An input vector is
 *invalid* when any of its entries is not finite, or, with `dist="cosine"`, when any of its
