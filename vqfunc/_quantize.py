@@ -5,7 +5,8 @@ The search is written for one codebook and one group (`nearest_codes`); grouped 
 stacked per group (`in_dims=0`). The straight-through estimator (the default) then takes a
 fused path: the output and the commitment loss are one chunked node over all groups' rows
 (`vqfunc._kernels.straight_through`), which keeps the forward and backward free of `N x F`
-temporaries.
+temporaries. For Euclidean distances on float32 CPU tensors the whole quantizer is one operator
+(`vqfunc._fused_quantize`): the search, then one compiled pass for everything after it.
 
 Degenerate data (the policy, the same on every backend and device). An input vector is
 *invalid* when any of its entries is not finite, or, with `dist="cosine"`, when any of its
@@ -30,12 +31,16 @@ from vqfunc import _validate
 from vqfunc._affine import effective_codebook
 from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._estimators import estimate
+from vqfunc._fused_quantize import applies as applies_fused
+from vqfunc._fused_quantize import fused_quantize
 from vqfunc._kernels.straight_through import straight_through_with_loss
 from vqfunc._layout import codes_to_batch, codes_to_rows, from_rows, rows_to_batch, to_rows
 from vqfunc._losses import commitment_loss
 from vqfunc._metrics import perplexity
 from vqfunc._params import AnyParams, VQParams
 from vqfunc._search import nearest_codes, search_dtype
+from vqfunc._validity import MIN_NORM as _MIN_NORM
+from vqfunc._validity import valid_rows
 
 
 class QuantizeOutput(NamedTuple):
@@ -71,25 +76,6 @@ class QuantizeOutput(NamedTuple):
     num_invalid: Tensor
 
 
-# Below this norm a vector (or code) has no direction: `F.normalize` stops normalising there.
-_MIN_NORM = 1e-12
-
-
-def valid_rows(rows: Tensor, cosine: bool) -> Tensor:
-    """`[M]` bool: rows `[M, G, d]` whose entries are all finite (and, for cosine, whose every
-    group has a norm above `_MIN_NORM`)."""
-    if rows.shape[-1] > 0:
-        # One pass over the rows: their extremes are finite exactly when every entry is (a
-        # NaN propagates to both), and only the small [M, G] extremes are tested.
-        low, high = torch.aminmax(rows, dim=-1)
-        valid = (torch.isfinite(low) & torch.isfinite(high)).flatten(1).all(-1)
-    else:
-        valid = torch.isfinite(rows).flatten(1).all(-1)
-    if cosine:
-        valid = valid & (rows.norm(dim=-1) > _MIN_NORM).all(-1)
-    return valid
-
-
 def row_weights(valid: Tensor, row_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
     """Weights (shaped like `valid`) of the rows that count: the mask's (1 without one) where
     the row is valid, 0 elsewhere."""
@@ -120,7 +106,8 @@ def compute_dtype(x: Tensor, params: AnyParams) -> torch.dtype:
 
 
 class QuantizedRows(NamedTuple):
-    """`quantize_rows`' results on rows `[M, G, d]`."""
+    """`quantize_rows`' results on rows `[M, G, d]`; `perplexity` and `num_invalid` are None
+    where the caller computes them from `histogram` and `valid`."""
 
     out: Tensor
     z: Tensor
@@ -130,6 +117,8 @@ class QuantizedRows(NamedTuple):
     loss: Tensor
     histogram: Tensor
     valid: Tensor
+    perplexity: Tensor | None = None
+    num_invalid: Tensor | None = None
 
 
 def quantize_rows(
@@ -137,12 +126,22 @@ def quantize_rows(
 ) -> QuantizedRows:
     """The quantizer on rows `[M, G, d]` (in the compute dtype), without input checks.
 
-    `out` carries the gradient estimator; invalid rows are handled as the module says.
+    `out` carries the gradient estimator; invalid rows are handled as the module says. The
+    Euclidean straight-through quantizer on float32 CPU rows is one fused operator
+    (`vqfunc._fused_quantize`); everything else is composed here from torch operators.
     """
+    codebook = effective_codebook(params, cfg).to(rows.dtype)
+    scaled = cfg.vector_normalize
+    if applies_fused(rows, codebook, estimator=cfg.estimator, dist=cfg.dist, scaled=scaled):
+        mask = None if row_mask is None else row_mask.to(rows.dtype)
+        fused = fused_quantize(rows, codebook, mask, beta=cfg.beta, nu=cfg.sync_nu)
+        return QuantizedRows(
+            *(fused.out, fused.z, fused.z_q, fused.codes, fused.distances, fused.loss),
+            *(fused.histogram, fused.valid, fused.perplexity, fused.num_invalid),
+        )
     valid = valid_rows(rows, cfg.dist == "cosine")
     rows = torch.where(valid.view(-1, 1, 1), rows, 0.0)
     weights = row_weights(valid, row_mask, rows.dtype)
-    codebook = effective_codebook(params, cfg).to(rows.dtype)
     z, codebook, search_book = _search_space(rows, codebook, cfg)
     search = torch.func.vmap(nearest_codes, in_dims=(1, None if cfg.share else 0), out_dims=1)
     codes, distances = search(z, search_book)
@@ -233,10 +232,12 @@ def quantize(
         loss=result.loss,
         z=rows_to_batch(result.z, layout),
         codewords=rows_to_batch(result.codewords, layout),
-        perplexity=perplexity(result.histogram).mean(),
+        perplexity=(
+            perplexity(result.histogram).mean() if result.perplexity is None else result.perplexity
+        ),
         histogram=result.histogram,
         valid=result.valid.view(layout.batch_shape),
-        num_invalid=(~result.valid).sum(),
+        num_invalid=(~result.valid).sum() if result.num_invalid is None else result.num_invalid,
     )
     return from_rows(result.out, layout).to(x.dtype), output
 

@@ -12,7 +12,8 @@ from vqfunc._affine import invert_affine
 from vqfunc._config import QuantizerConfig, VQConfig
 from vqfunc._kmeans import _sample_indices, kmeans
 from vqfunc._params import AnyParams, VQParams
-from vqfunc._quantize import compute_dtype, valid_rows
+from vqfunc._quantize import compute_dtype
+from vqfunc._validity import valid_rows
 
 if TYPE_CHECKING:
     from vqfunc.distributed import WarmupSync

@@ -7,6 +7,8 @@
 - `cpu`: loads the C kernels (the search, the straight-through output and loss) with ctypes,
   from the package or a verified cache; optional, with `available()`.
 - `straight_through_cpu`: ctypes wrappers of the straight-through kernels.
+- `fused_forward_cpu`: ctypes wrapper of quantize's one pass after the search (validity, the
+  outputs, the loss and the histogram), used by the operator of `vqfunc._fused_quantize`.
 - `straight_through`: the custom operators of the straight-through output and commitment loss,
   on the C kernels or in torch.
 - `triton_search`, `triton_kernel`: the fused CUDA search in Triton; optional.

@@ -1,7 +1,8 @@
 """The compiled CPU kernels: built on first use, loaded with ctypes, optional.
 
-`csrc/nearest.c` (the search) and `csrc/straight_through.c` (the straight-through output and
-commitment loss, forward and backward), with their shared header `csrc/vqfunc_kernels.h`
+`csrc/nearest.c` (the search), `csrc/straight_through.c` (the straight-through output and
+commitment loss, forward and backward) and `csrc/fused_forward.c` (quantize's one pass after
+the search: validity, outputs, loss and histogram), with their shared header `csrc/vqfunc_kernels.h`
 (status codes, the CPU check, helpers), are plain C files (no torch headers, no Python API),
 so they build in about a second with the system C compiler and need neither ninja nor torch
 headers. The shared library is cached under `$VQFUNC_CACHE_DIR` (default `~/.cache/vqfunc`, or
@@ -318,6 +319,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(ptr, i64, i64, ptr, i64, i64),  # g and gq with their row and column strides
         *(f32, f32, f32),  # a_z, a_q, nu
         *(ptr, ptr, ptr, i64, c_int),  # grad_z, grad_cb, extra buffers, books, threads
+        c_int,  # ISA path
+    ]
+    lib.vq_fused_forward_f32.restype = c_int
+    lib.vq_fused_forward_f32.argtypes = [
+        *(ptr, i64, i64, i64),  # rows, m, groups, d
+        *(ptr, i64, i64, ptr),  # codebook, books, codes per book, mask
+        *(ptr, ptr, ptr, ptr, ptr, ptr),  # codes, distances, z, out, z_q, valid
+        *(ptr, ptr, ptr, c_int, c_int),  # histogram, loss, invalid count, streaming, threads
         c_int,  # ISA path
     ]
 

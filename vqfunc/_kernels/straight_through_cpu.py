@@ -24,7 +24,7 @@ _MIN_ELEMENTS_PER_THREAD = 1 << 16
 _SLICES_PER_THREAD = 4
 
 
-def _plain(t: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
+def plain(t: Tensor | None, dtype: torch.dtype = torch.float32) -> bool:
     # A plain CPU tensor whose memory holds its values: not a FakeTensor or other subclass, not
     # a functorch wrapper (vmap's batched or grad's tracking tensors), not a lazily negated view.
     return t is None or (
@@ -40,8 +40,8 @@ def applies(codes: Tensor, *tensors: Tensor | None) -> bool:
     """Whether `codes` (int64) and these float32 tensors (rows, codebook, weights, gradients)
     can go to the C kernels: plain CPU tensors, and the backend policy chooses the kernels."""
     return (
-        _plain(codes, torch.int64)
-        and all(_plain(t) for t in tensors)
+        plain(codes, torch.int64)
+        and all(plain(t) for t in tensors)
         and _policy.cpu_kernel_runs(*tensors)
     )
 
@@ -62,7 +62,7 @@ def _check(z: Tensor, codebook: Tensor, codes: Tensor, weights: Tensor | None) -
     if weights is not None and weights.shape != (n,):
         raise ValueError(f"weights: expected shape ({n},), got {tuple(weights.shape)}")
     for name, t in (("z", z), ("codebook", codebook), ("weights", weights)):
-        if t is not None and not _plain(t):
+        if t is not None and not plain(t):
             raise ValueError(f"{name}: expected a float32 CPU tensor, got {t.dtype} on {t.device}")
 
 
@@ -104,7 +104,7 @@ def _strides(name: str, g: Tensor | None, shape: tuple[int, ...]) -> tuple[Tenso
     """A gradient of `shape` with non-negative strides, and its row and column strides."""
     if g is None:
         return None, 0, 0
-    if tuple(g.shape) != shape or not _plain(g):
+    if tuple(g.shape) != shape or not plain(g):
         raise ValueError(
             f"{name}: expected a float32 CPU tensor of shape {shape}, got {g.dtype} "
             f"{tuple(g.shape)} on {g.device}"

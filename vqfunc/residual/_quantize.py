@@ -25,8 +25,9 @@ from vqfunc._layout import Layout, from_rows, normalize_dim, rows_to_batch, to_r
 from vqfunc._losses import commitment_loss
 from vqfunc._metrics import perplexity
 from vqfunc._params import ResidualParams, VQParams
-from vqfunc._quantize import compute_dtype, row_weights, valid_rows
+from vqfunc._quantize import compute_dtype, row_weights
 from vqfunc._search import nearest_codes
+from vqfunc._validity import valid_rows
 from vqfunc.residual._config import ResidualConfig
 from vqfunc.residual._grouped import (
     check_grouped_params,
