@@ -166,6 +166,14 @@ def _split_into_empty(
     return torch.where((counts > 0).unsqueeze(-1), means, replacement)
 
 
+def _same_assignment(codes: Tensor, previous: Tensor, counts: Tensor, split: bool) -> bool:
+    """Whether `codes` `[M]` equal `previous` `[M]` and, with `split`, every count `[k]` is
+    positive: the condition under which a Lloyd update leaves the centroids unchanged."""
+    if split and not bool((counts > 0).all()):
+        return False
+    return torch.equal(codes, previous)
+
+
 def _lloyd(
     data: Tensor,
     centroids: Tensor,
@@ -176,12 +184,22 @@ def _lloyd(
     generator: torch.Generator | None = None,
     split: bool = False,
 ) -> Tensor:
-    """Weighted Lloyd; with `split`, emptied clusters are re-seeded (`_split_into_empty`)."""
+    """Weighted Lloyd; with `split`, emptied clusters are re-seeded (`_split_into_empty`).
+
+    Stops early at a fixed point: when an iteration assigns every row to the same code as the
+    one before (and, with `split`, leaves no cluster empty), the update would reproduce the
+    centroids bit for bit (the sums are deterministic), so every later iteration would too,
+    and the result is that of all `iters` iterations. One device read per iteration decides it.
+    """
     k = centroids.shape[0]
+    previous: Tensor | None = None
     for _ in range(iters):
         codes, _ = nearest_codes(data, centroids)
-        sums = _cluster_sums(data, codes, k, weights)
         counts = _cluster_counts(codes, k, weights, data)
+        if previous is not None and _same_assignment(codes, previous, counts, split):
+            break
+        previous = codes
+        sums = _cluster_sums(data, codes, k, weights)
         means = sums / counts.clamp_min(torch.finfo(data.dtype).tiny).unsqueeze(-1)
         if split:
             centroids = _split_into_empty(centroids, counts, means, generator)

@@ -229,6 +229,38 @@ def test_an_emptied_cluster_is_split_from_a_populated_one(generator: torch.Gener
     assert 0 < gap < 1e-2  # a perturbed copy of one of the means
 
 
+@pytest.mark.parametrize(("split", "spherical"), [(False, False), (True, False), (True, True)])
+def test_lloyd_stops_at_a_fixed_point_with_the_result_of_every_iteration(
+    split: bool, spherical: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vqfunc._kmeans as module
+
+    data = torch.randn(400, 3, generator=torch.Generator().manual_seed(1))
+    if spherical:
+        data = F.normalize(data, dim=-1)
+    start = data[:12].clone()
+    iters = 60
+    reference = start
+    g = torch.Generator().manual_seed(5)
+    for _ in range(iters):  # one iteration per call: no fixed point can be detected
+        reference = _lloyd(data, reference, iters=1, spherical=spherical, generator=g, split=split)
+    # The reference has converged, so the early exit has something to find.
+    again = _lloyd(data, reference, iters=1, spherical=spherical, generator=g, split=split)
+    assert torch.equal(again, reference)
+    searches = []
+    original = module.nearest_codes
+
+    def counted(vectors: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        searches.append(1)
+        return original(vectors, codebook)
+
+    monkeypatch.setattr(module, "nearest_codes", counted)
+    g = torch.Generator().manual_seed(5)
+    ours = _lloyd(data, start, iters=iters, spherical=spherical, generator=g, split=split)
+    assert torch.equal(ours, reference)  # bit for bit the result of all the iterations
+    assert len(searches) < iters  # and it stopped before running them all
+
+
 def test_kmeans_is_deterministic_for_a_generator_seed() -> None:
     data = torch.randn(3000, 8, generator=torch.Generator().manual_seed(0))
 
