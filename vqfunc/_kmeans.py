@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vqfunc._kernels import cluster_sums_cpu as _cluster_sums_cpu
 from vqfunc._search import nearest_codes
 
 # k-means|| rounds and total oversampling (candidates drawn over all rounds, in units of k).
@@ -124,8 +125,25 @@ def kmeans_parallel_candidates(
     return candidates, weights
 
 
+def _cluster_stats(
+    data: Tensor, codes: Tensor, k: int, weights: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """`[k, d]` sums of the (weighted) rows of `data` `[M, d]` per code and the `[k]` (weighted)
+    number of rows per code, in `data`'s dtype, deterministically.
+
+    Unweighted float32 rows on CPU take the compiled kernel (`cluster_sums_cpu`: one parallel
+    pass, each code's rows added in row order); other CPU tensors `index_add_` (serial, in the
+    same order); other devices a stable sort and segment sums (atomic adds would not be
+    deterministic).
+    """
+    if weights is None and _cluster_sums_cpu.applies(data, codes):
+        sums, counts = _cluster_sums_cpu.cluster_sums(data, codes, k)
+        return sums, counts.to(data.dtype)
+    return _cluster_sums(data, codes, k, weights), _cluster_counts(codes, k, weights, data)
+
+
 def _cluster_sums(data: Tensor, codes: Tensor, k: int, weights: Tensor | None) -> Tensor:
-    """`[k, d]` sums of the (weighted) rows of `data` `[M, d]` per code, deterministically."""
+    """`[k, d]` sums of the (weighted) rows of `data` `[M, d]` per code, in torch."""
     rows = data if weights is None else data * weights.unsqueeze(-1)
     if data.device.type == "cpu":
         return data.new_zeros(k, data.shape[1]).index_add_(0, codes, rows)
@@ -135,7 +153,7 @@ def _cluster_sums(data: Tensor, codes: Tensor, k: int, weights: Tensor | None) -
 
 
 def _cluster_counts(codes: Tensor, k: int, weights: Tensor | None, like: Tensor) -> Tensor:
-    """`[k]` (weighted) number of rows per code, in `like`'s dtype."""
+    """`[k]` (weighted) number of rows per code, in `like`'s dtype, in torch."""
     if weights is None:
         return torch.bincount(codes, minlength=k).to(like.dtype)
     if like.device.type == "cpu":
@@ -166,14 +184,6 @@ def _split_into_empty(
     return torch.where((counts > 0).unsqueeze(-1), means, replacement)
 
 
-def _same_assignment(codes: Tensor, previous: Tensor, counts: Tensor, split: bool) -> bool:
-    """Whether `codes` `[M]` equal `previous` `[M]` and, with `split`, every count `[k]` is
-    positive: the condition under which a Lloyd update leaves the centroids unchanged."""
-    if split and not bool((counts > 0).all()):
-        return False
-    return torch.equal(codes, previous)
-
-
 def _lloyd(
     data: Tensor,
     centroids: Tensor,
@@ -186,25 +196,30 @@ def _lloyd(
 ) -> Tensor:
     """Weighted Lloyd; with `split`, emptied clusters are re-seeded (`_split_into_empty`).
 
-    Stops early at a fixed point: when an iteration assigns every row to the same code as the
-    one before (and, with `split`, leaves no cluster empty), the update would reproduce the
-    centroids bit for bit (the sums are deterministic), so every later iteration would too,
-    and the result is that of all `iters` iterations. One device read per iteration decides it.
+    Stops early at a fixed point: when an iteration assigns every row to the same code as
+    the one before (and, with `split`, leaves no cluster empty), the update would reproduce
+    the centroids bit for bit (the sums are deterministic), so every later iteration would
+    too, and the result is that of all `iters` iterations. The split's draws are made only in
+    an iteration that empties a cluster. Two device reads per iteration (whether a cluster is
+    empty, whether the codes changed) decide both.
     """
     k = centroids.shape[0]
     previous: Tensor | None = None
     for _ in range(iters):
         codes, _ = nearest_codes(data, centroids)
-        counts = _cluster_counts(codes, k, weights, data)
-        if previous is not None and _same_assignment(codes, previous, counts, split):
+        sums, counts = _cluster_stats(data, codes, k, weights)
+        populated = counts > 0
+        full = bool(populated.all())
+        if (full or not split) and previous is not None and torch.equal(codes, previous):
             break
         previous = codes
-        sums = _cluster_sums(data, codes, k, weights)
         means = sums / counts.clamp_min(torch.finfo(data.dtype).tiny).unsqueeze(-1)
-        if split:
+        if full:
+            centroids = means
+        elif split:
             centroids = _split_into_empty(centroids, counts, means, generator)
         else:
-            centroids = torch.where((counts > 0).unsqueeze(-1), means, centroids)
+            centroids = torch.where(populated.unsqueeze(-1), means, centroids)
         if spherical:
             centroids = F.normalize(centroids, dim=-1)
     return centroids

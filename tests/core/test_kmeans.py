@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vqfunc._kmeans import (
+    _cluster_stats,
     _lloyd,
     kmeans,
     kmeans_parallel_candidates,
@@ -214,6 +215,22 @@ def test_weighted_lloyd_step_equals_brute_force(generator: torch.Generator) -> N
         if len(w):
             expected = (data.double()[owner == k] * w.unsqueeze(-1)).sum(0) / w.sum()
             torch.testing.assert_close(new[k].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cluster_stats_are_the_same_bits_with_and_without_the_compiled_kernel() -> None:
+    import vqfunc
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(5000, 7, generator=g)
+    codes = torch.randint(0, 90, (5000,), generator=g)
+    codes[codes == 3] = 4  # an empty cluster
+    compiled = _cluster_stats(data, codes, 90, None)
+    with vqfunc.kernels.use(cpu="torch"):
+        reference = _cluster_stats(data, codes, 90, None)
+    assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
+    assert compiled[1][3] == 0 and torch.equal(compiled[0][3], torch.zeros(7))
+    expected = torch.stack([data.double()[codes == c].sum(0) for c in range(90)])
+    torch.testing.assert_close(compiled[0].double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_an_emptied_cluster_is_split_from_a_populated_one(generator: torch.Generator) -> None:
