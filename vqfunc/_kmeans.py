@@ -4,16 +4,20 @@ Seeding is k-means|| (Bahmani et al., 2012): a bounded number of rounds, each of
 every point independently with probability `min(1, l d^2 / phi)` (`d^2` its squared distance to
 the nearest candidate so far, `phi` their sum, `l` the oversampling) and searches the data
 against the new candidates only. The candidates, weighted by the number of points nearest to
-each, are then reduced to `k` seeds by weighted k-means++ drawn in a bounded number of batches
-and a few weighted Lloyd iterations, on the candidates alone.
-Its cost is a few searches, never `k` sequential passes, and it reads the device once per round
-(the number of candidates drawn), never once per seed.
+each, are then reduced to `k` seeds by weighted k-means++ drawn in a bounded number of batches.
+When the rounds would draw about as many candidates as there are points, every point is a
+candidate of weight 1 and the rounds are skipped. The rounds run on a uniform subset of at
+most `64 k` points. Its cost is a few searches, never `k` sequential passes, and it reads the
+device once per round (the number of candidates drawn), never once per seed.
 
 Every assignment reuses the library's chunked nearest-code search, so memory stays bounded by
-one search chunk, never `M x k`. The centroid update is a parallel scatter (`index_add_` on CPU,
-where it is serial and so deterministic; a stable sort and segment sums elsewhere, where
-atomic adds would not be). An emptied cluster is re-seeded next to the centroid of a cluster
-drawn in proportion to its size, with a small perturbation, so no centroid is wasted.
+one search chunk, never `M x k`. The centroid update is deterministic: on CPU, for float32
+rows, one compiled pass (`vqfunc._kernels.cluster_sums_cpu`, each thread owning a range of
+codes), else `index_add_` (serial); elsewhere a stable sort and segment sums (atomic adds would
+not be deterministic). An emptied cluster is re-seeded next to the centroid of a cluster drawn
+in proportion to its size, with a small perturbation, so no centroid is wasted. Lloyd stops at
+a fixed point (the same codes twice, no cluster empty), where further iterations would change
+nothing: the result is that of every iteration asked for.
 """
 
 from __future__ import annotations
@@ -22,21 +26,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vqfunc._kernels import cluster_sums_cpu as _cluster_sums_cpu
 from vqfunc._search import nearest_codes
 
-# k-means|| rounds and total oversampling (candidates drawn over all rounds, in units of k).
-# On well separated mixtures, 5 rounds drawing 3 k candidates in all miss a cluster about as
-# rarely as k-means++ (fewer rounds or candidates miss clusters more often); on Gaussian data the
-# final error after 20 Lloyd iterations is lower than from uniformly drawn seeds.
-_ROUNDS = 5
-_OVERSAMPLING = 3.0
+# k-means|| rounds and total oversampling (candidates drawn over all rounds, in units of k), and
+# the batches of the weighted k-means++ that draws the k seeds among the candidates (one seed per
+# batch up to this many seeds). Measured on standard-normal data (N, D, K = 8192/32/1024,
+# 65536/64/512, 65536/16/4096, 32768/32/16384; 4 seeds, 20 Lloyd iterations after): 3 rounds
+# drawing 2 k candidates and 8 batches end below the error of uniformly drawn seeds on every
+# shape and seed, at 2 to 6 searches of the data; 5 rounds, 3 k and 64 batches, followed by 2
+# weighted Lloyd iterations on the candidates, cost 6 to 17 searches and ended above it on two
+# shapes (the many small batches and the candidate iterations pull the seeds to the tails).
+_ROUNDS = 3
+_OVERSAMPLING = 2.0
+_REDUCE_BATCHES = 8
+# Up to this many seeds, the settings that find every cluster of well separated mixtures about
+# as often as k-means++ (`tests/core/test_kmeans.py`; with 3 rounds of 2 k, 1 run in 12 missed
+# one of 16 clusters): 5 rounds drawing 3 k candidates, and one seed per batch (batches of
+# several can put two seeds in one cluster and none in another, which Lloyd does not undo).
+# So few seeds cost little either way.
+_FEW_SEEDS = 64
+_FEW_ROUNDS = 5
+_FEW_OVERSAMPLING = 3.0
 # The rounds run on a uniform subset of at most this many points per centroid.
 _SEED_POINTS_PER_CODE = 64
-# Weighted Lloyd iterations that reduce the k-means|| candidates to k seeds.
-_REDUCE_ITERS = 2
-# Batches of the weighted k-means++ that draws the k seeds among the candidates (one seed per
-# batch up to this many seeds).
-_REDUCE_BATCHES = 64
 # Relative size of the perturbation that splits a cluster into an emptied one.
 _SPLIT_NOISE = 1e-3
 
@@ -124,8 +137,25 @@ def kmeans_parallel_candidates(
     return candidates, weights
 
 
+def _cluster_stats(
+    data: Tensor, codes: Tensor, k: int, weights: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """`[k, d]` sums of the (weighted) rows of `data` `[M, d]` per code and the `[k]` (weighted)
+    number of rows per code, in `data`'s dtype, deterministically.
+
+    Unweighted float32 rows on CPU take the compiled kernel (`cluster_sums_cpu`: one parallel
+    pass, each code's rows added in row order); other CPU tensors `index_add_` (serial, in the
+    same order); other devices a stable sort and segment sums (atomic adds would not be
+    deterministic).
+    """
+    if weights is None and _cluster_sums_cpu.applies(data, codes):
+        sums, counts = _cluster_sums_cpu.cluster_sums(data, codes, k)
+        return sums, counts.to(data.dtype)
+    return _cluster_sums(data, codes, k, weights), _cluster_counts(codes, k, weights, data)
+
+
 def _cluster_sums(data: Tensor, codes: Tensor, k: int, weights: Tensor | None) -> Tensor:
-    """`[k, d]` sums of the (weighted) rows of `data` `[M, d]` per code, deterministically."""
+    """`[k, d]` sums of the (weighted) rows of `data` `[M, d]` per code, in torch."""
     rows = data if weights is None else data * weights.unsqueeze(-1)
     if data.device.type == "cpu":
         return data.new_zeros(k, data.shape[1]).index_add_(0, codes, rows)
@@ -135,7 +165,7 @@ def _cluster_sums(data: Tensor, codes: Tensor, k: int, weights: Tensor | None) -
 
 
 def _cluster_counts(codes: Tensor, k: int, weights: Tensor | None, like: Tensor) -> Tensor:
-    """`[k]` (weighted) number of rows per code, in `like`'s dtype."""
+    """`[k]` (weighted) number of rows per code, in `like`'s dtype, in torch."""
     if weights is None:
         return torch.bincount(codes, minlength=k).to(like.dtype)
     if like.device.type == "cpu":
@@ -176,17 +206,32 @@ def _lloyd(
     generator: torch.Generator | None = None,
     split: bool = False,
 ) -> Tensor:
-    """Weighted Lloyd; with `split`, emptied clusters are re-seeded (`_split_into_empty`)."""
+    """Weighted Lloyd; with `split`, emptied clusters are re-seeded (`_split_into_empty`).
+
+    Stops early at a fixed point: when an iteration assigns every row to the same code as
+    the one before (and, with `split`, leaves no cluster empty), the update would reproduce
+    the centroids bit for bit (the sums are deterministic), so every later iteration would
+    too, and the result is that of all `iters` iterations. The split's draws are made only in
+    an iteration that empties a cluster. Two device reads per iteration (whether a cluster is
+    empty, whether the codes changed) decide both.
+    """
     k = centroids.shape[0]
+    previous: Tensor | None = None
     for _ in range(iters):
         codes, _ = nearest_codes(data, centroids)
-        sums = _cluster_sums(data, codes, k, weights)
-        counts = _cluster_counts(codes, k, weights, data)
+        sums, counts = _cluster_stats(data, codes, k, weights)
+        populated = counts > 0
+        full = bool(populated.all())
+        if (full or not split) and previous is not None and torch.equal(codes, previous):
+            break
+        previous = codes
         means = sums / counts.clamp_min(torch.finfo(data.dtype).tiny).unsqueeze(-1)
-        if split:
+        if full:
+            centroids = means
+        elif split:
             centroids = _split_into_empty(centroids, counts, means, generator)
         else:
-            centroids = torch.where((counts > 0).unsqueeze(-1), means, centroids)
+            centroids = torch.where(populated.unsqueeze(-1), means, centroids)
         if spherical:
             centroids = F.normalize(centroids, dim=-1)
     return centroids
@@ -244,26 +289,38 @@ def kmeans_parallel(
     data: Tensor,
     k: int,
     *,
-    rounds: int = _ROUNDS,
-    oversampling: float = _OVERSAMPLING,
+    rounds: int | None = None,
+    oversampling: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """k-means|| seeds `[k, d]` of `[M, d]` data (`M >= k`).
 
-    The candidates of `kmeans_parallel_candidates`; when there are more than `k`, `k` of
-    them are drawn by `weighted_plus_plus` and refined by a few weighted Lloyd iterations on the
-    candidates alone; when there are fewer (few distinct points), the seeds are completed with
+    The candidates of `kmeans_parallel_candidates` (`rounds` and `oversampling` None: 3 rounds
+    of 2 k candidates in all, or 5 rounds of 3 k up to 64 seeds), or every point with weight 1
+    when the rounds would draw about as many (`1 + oversampling * k >= M`); when there are more
+    than `k`, `k` of them are drawn by `weighted_plus_plus`, in 8 batches (one seed per batch up
+    to 64 seeds); when there are fewer (few distinct points), the seeds are completed with
     uniformly drawn data points.
     """
-    candidates, weights = kmeans_parallel_candidates(
-        data, k, rounds=rounds, oversampling=oversampling, generator=generator
-    )
+    few = k <= _FEW_SEEDS
+    if rounds is None:
+        rounds = _FEW_ROUNDS if few else _ROUNDS
+    if oversampling is None:
+        oversampling = _FEW_OVERSAMPLING if few else _OVERSAMPLING
+    if 1 + oversampling * k >= data.shape[0]:
+        candidates = data
+        weights = torch.ones(data.shape[0], dtype=data.dtype, device=data.device)
+    else:
+        candidates, weights = kmeans_parallel_candidates(
+            data, k, rounds=rounds, oversampling=oversampling, generator=generator
+        )
     c = candidates.shape[0]
     if c <= k:
         extra = data[_sample_indices(k - c, data.shape[0], generator, data.device)]
         return torch.cat([candidates, extra])
-    seeds = candidates[weighted_plus_plus(candidates, weights, k, generator=generator)]
-    return _lloyd(candidates, seeds, iters=_REDUCE_ITERS, spherical=False, weights=weights)
+    batches = k if few else _REDUCE_BATCHES
+    picks = weighted_plus_plus(candidates, weights, k, batches=batches, generator=generator)
+    return candidates[picks]
 
 
 def kmeans(

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vqfunc._kmeans import (
+    _cluster_stats,
     _lloyd,
     kmeans,
     kmeans_parallel_candidates,
@@ -216,6 +217,22 @@ def test_weighted_lloyd_step_equals_brute_force(generator: torch.Generator) -> N
             torch.testing.assert_close(new[k].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cluster_stats_are_the_same_bits_with_and_without_the_compiled_kernel() -> None:
+    import vqfunc
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(5000, 7, generator=g)
+    codes = torch.randint(0, 90, (5000,), generator=g)
+    codes[codes == 3] = 4  # an empty cluster
+    compiled = _cluster_stats(data, codes, 90, None)
+    with vqfunc.kernels.use(cpu="torch"):
+        reference = _cluster_stats(data, codes, 90, None)
+    assert torch.equal(compiled[0], reference[0]) and torch.equal(compiled[1], reference[1])
+    assert compiled[1][3] == 0 and torch.equal(compiled[0][3], torch.zeros(7))
+    expected = torch.stack([data.double()[codes == c].sum(0) for c in range(90)])
+    torch.testing.assert_close(compiled[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_an_emptied_cluster_is_split_from_a_populated_one(generator: torch.Generator) -> None:
     data = torch.randn(60, 2, generator=generator)
     centroids = torch.cat([data[:3], torch.full((1, 2), 50.0)])
@@ -227,6 +244,38 @@ def test_an_emptied_cluster_is_split_from_a_populated_one(generator: torch.Gener
     torch.testing.assert_close(new[:3], means)
     gap = (new[3] - means).norm(dim=-1).min()
     assert 0 < gap < 1e-2  # a perturbed copy of one of the means
+
+
+@pytest.mark.parametrize(("split", "spherical"), [(False, False), (True, False), (True, True)])
+def test_lloyd_stops_at_a_fixed_point_with_the_result_of_every_iteration(
+    split: bool, spherical: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vqfunc._kmeans as module
+
+    data = torch.randn(400, 3, generator=torch.Generator().manual_seed(1))
+    if spherical:
+        data = F.normalize(data, dim=-1)
+    start = data[:12].clone()
+    iters = 60
+    reference = start
+    g = torch.Generator().manual_seed(5)
+    for _ in range(iters):  # one iteration per call: no fixed point can be detected
+        reference = _lloyd(data, reference, iters=1, spherical=spherical, generator=g, split=split)
+    # The reference has converged, so the early exit has something to find.
+    again = _lloyd(data, reference, iters=1, spherical=spherical, generator=g, split=split)
+    assert torch.equal(again, reference)
+    searches = []
+    original = module.nearest_codes
+
+    def counted(vectors: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        searches.append(1)
+        return original(vectors, codebook)
+
+    monkeypatch.setattr(module, "nearest_codes", counted)
+    g = torch.Generator().manual_seed(5)
+    ours = _lloyd(data, start, iters=iters, spherical=spherical, generator=g, split=split)
+    assert torch.equal(ours, reference)  # bit for bit the result of all the iterations
+    assert len(searches) < iters  # and it stopped before running them all
 
 
 def test_kmeans_is_deterministic_for_a_generator_seed() -> None:

@@ -1,8 +1,9 @@
 """The compiled CPU kernels: built on first use, loaded with ctypes, optional.
 
 `csrc/nearest.c` (the search), `csrc/straight_through.c` (the straight-through output and
-commitment loss, forward and backward) and `csrc/fused_forward.c` (quantize's one pass after
-the search: validity, outputs, loss and histogram), with their shared header `csrc/vqfunc_kernels.h`
+commitment loss, forward and backward), `csrc/fused_forward.c` (quantize's one pass after
+the search: validity, outputs, loss and histogram) and `csrc/cluster_sums.c` (the centroid
+update of k-means), with their shared header `csrc/vqfunc_kernels.h`
 (status codes, the CPU check, helpers), are plain C files (no torch headers, no Python API),
 so they build in about a second with the system C compiler and need neither ninja nor torch
 headers. The shared library is cached under `$VQFUNC_CACHE_DIR` (default `~/.cache/vqfunc`, or
@@ -306,6 +307,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
         *(ptr, ptr, ptr, ptr),  # centred codes, center, codes, distances
         *(i64, c_int, c_int),  # rows per slice, threads, ISA path
+    ]
+    lib.vq_cluster_sums_f32.restype = c_int
+    lib.vq_cluster_sums_f32.argtypes = [
+        *(ptr, i64, i64, ptr, i64),  # x, n, d, codes, k
+        *(ptr, ptr, c_int),  # sums, counts, threads
     ]
     lib.vq_st_forward_f32.restype = c_int
     lib.vq_st_forward_f32.argtypes = [
