@@ -11,9 +11,10 @@
  * FMAs, and each row only folds them into a running minimum vector (one min per vector of
  * scores). After every group of codes each lane compares its group minimum with its best so
  * far and, on an improvement, remembers the group. At the end, the lanes holding the row's
- * minimum name the first group where it occurs; that group alone is recomputed with the very
- * same multiply-subtract sequence (so the scores match bit for bit) and the first code reaching
- * the minimum is returned, as argmin would. Memory: the register tiles on the stack, and on the
+ * minimum name the first group where it occurs; in that group alone the codes those lanes cover
+ * (all of the group for d <= 16, a few code rows otherwise) are scored again by the very same
+ * multiply-subtract sequence (so the scores match bit for bit) and the first code reaching the
+ * minimum is returned, as argmin would. Memory: the register tiles on the stack, and on the
  * heap the centred rows of one row block with their per-lane minima.
  *
  * Loops: row blocks of ROW_BLOCK rows (their per-lane minima on the heap), code blocks that
