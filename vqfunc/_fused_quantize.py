@@ -171,11 +171,8 @@ def _backward(
     groups, d = z.shape[1], z.shape[2]
     flat = _flat_codes(codes, codebook)
     weights = _weights(valid, mask, groups, z.dtype)
-    backward = (
-        _straight_through._backward_op
-        if torch.compiler.is_compiling()
-        else _straight_through._Backward.apply
-    )
+    wrapped = not torch.compiler.is_compiling() and _straight_through.transforms_active()
+    backward = _straight_through._Backward.apply if wrapped else _straight_through._backward_op
     rows_of = lambda g: None if g is None else g.reshape(-1, d)  # noqa: E731
     grad_flat, grad_book = backward(
         *(z.reshape(-1, d), codebook.reshape(-1, d), flat, weights),
@@ -230,4 +227,6 @@ def fused_quantize(
     """
     if mask is not None:
         mask = mask.detach().to(rows.dtype)
-    return FusedQuantized(*_FusedQuantize.apply(rows, codebook, mask, float(beta), float(nu)))
+    args = (rows, codebook, mask, float(beta), float(nu))
+    use_function = _straight_through.needs_function()
+    return FusedQuantized(*(_FusedQuantize.apply(*args) if use_function else _fused_op(*args)))
