@@ -84,6 +84,33 @@ def test_codes_and_distances_match_the_brute_force(isa: str, n: int, d: int, k: 
 
 
 @needs_kernel
+@pytest.mark.parametrize("d", [3, 8, 32, 64, 200])
+@pytest.mark.parametrize("copies", [2, 5])
+def test_ties_within_a_group_pick_the_first_code(isa: str, d: int, copies: int) -> None:
+    # Each code repeated `copies` times in a row: the copies sit on neighbouring lanes of one
+    # vector, or on the next vector of a panel, inside one group of codes.
+    g = torch.Generator().manual_seed(d * 10 + copies)
+    base = torch.randn(40, d, generator=g)
+    picks = torch.randperm(40, generator=g)[:25]
+    codes, distances = _search(isa, base[picks], base.repeat_interleave(copies, 0))
+    assert torch.equal(codes, picks * copies)
+    assert torch.all(distances == 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("d", "period"), [(32, 16), (64, 16), (32, 64), (200, 16)])
+def test_ties_on_one_lane_pick_the_first_code(isa: str, d: int, period: int) -> None:
+    # Codes repeat every `period` codes: 16 puts the copies on the same lane of the next
+    # vector (one group), 64 on the same lane of the next group.
+    g = torch.Generator().manual_seed(d + period)
+    base = torch.randn(period, d, generator=g)
+    picks = torch.randint(period, (30,), generator=g)
+    codes, distances = _search(isa, base[picks], base.repeat(6, 1))
+    assert torch.equal(codes, picks)
+    assert torch.all(distances == 0)
+
+
+@needs_kernel
 @pytest.mark.parametrize("d", [3, 8, 64, 200])
 def test_ties_pick_the_first_code(isa: str, d: int) -> None:
     g = torch.Generator().manual_seed(d)

@@ -305,7 +305,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.vq_nearest_f32.restype = c_int
     lib.vq_nearest_f32.argtypes = [
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
-        *(ptr, ptr, ptr, ptr),  # centred codes, center, codes, distances
+        *(ptr, ptr, ptr),  # center, codes, distances
         *(i64, c_int, c_int),  # rows per slice, threads, ISA path
     ]
     lib.vq_cluster_sums_f32.restype = c_int
@@ -583,8 +583,7 @@ def nearest_codes_f32(
         return codes, distances
     # Rows and codes are scored centred on the codes' mean (the kernel centres each row block).
     center = codebook_center(book).contiguous()
-    centred = book - center
-    panels, half_norms = pack_codebook(centred)
+    panels, half_norms = pack_codebook(book - center)
     groups = half_norms.shape[0] // GROUP
     work = n * groups * GROUP * max(d, 1)
     threads = max(1, min(max_threads(), work // _MIN_WORK_PER_THREAD))
@@ -593,7 +592,7 @@ def nearest_codes_f32(
     rows_per_slice = _ROW_BLOCK * max(1, -(-n // (_ROW_BLOCK * _SLICES_PER_THREAD * threads)))
     status = lib.vq_nearest_f32(
         *(x.data_ptr(), n, d, panels.data_ptr(), half_norms.data_ptr(), groups, k),
-        *(book.data_ptr(), centred.data_ptr(), center.data_ptr()),
+        *(book.data_ptr(), center.data_ptr()),
         *(codes.data_ptr(), distances.data_ptr(), rows_per_slice, threads, isa_code),
     )
     check_status(status)

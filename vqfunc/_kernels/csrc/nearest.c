@@ -7,14 +7,16 @@
  * non-finite entry carry h = +inf so they are never chosen. Codes and rows are centred on the
  * codebook's mean before they are scored, so a large common offset does not cancel the scores.
  *
- * The inner loop keeps no indices: a register tile of rows x codes accumulates scores with
- * FMAs, and each row only folds them into a running minimum vector (one min per vector of
- * scores). After every group of codes each lane compares its group minimum with its best so
- * far and, on an improvement, remembers the group. At the end, the lanes holding the row's
- * minimum name the first group where it occurs; in that group alone the codes those lanes cover
- * (all of the group for d <= 16, a few code rows otherwise) are scored again by the very same
- * multiply-subtract sequence (so the scores match bit for bit) and the first code reaching the
- * minimum is returned, as argmin would. Memory: the register tiles on the stack, and on the
+ * The inner loop keeps no code indices: a register tile of rows x codes accumulates scores
+ * with FMAs, and each row folds them into a running minimum vector (one min per vector of
+ * scores) and, for d > 16, the vector of the group where each lane's minimum first occurs (one
+ * compare and blend more). After every group of codes each lane compares its group minimum
+ * with its best so far and, on an improvement, remembers the group (and that vector). At the
+ * end, the lanes holding the row's minimum name the first group where it occurs, and the first
+ * code reaching the minimum is returned, as argmin would: for d > 16 the smallest of the codes
+ * the lanes' tracked vectors name; for d <= 16, where the tracking would cost more than it
+ * saves, the whole group scored again by the very same multiply-subtract sequence (so the
+ * scores match bit for bit). Memory: the register tiles on the stack, and on the
  * heap the centred rows of one row block with their per-lane minima.
  *
  * Loops: row blocks of ROW_BLOCK rows (their per-lane minima on the heap), code blocks that
@@ -95,10 +97,10 @@ int vq_supported(void) { return 1; }
 #define TILE_PANELS 1
 #define FMA_CHAINS 12
 #define V_MIN(a, b) PATH(select)((a) < (b), (a), (b))
-/* Plain expressions: the compiler contracts the vector and the scalar form by the same rules
- * of the target (no FMA on x86-64's baseline, one fused step on aarch64). */
+/* A plain expression: the compiler contracts it by the rules of the target (no FMA on x86-64's
+ * baseline, one fused step on aarch64), the same in the tile loop and the recomputation. */
 #define V_STEP(a, x, b) ((a) - (x) * (b))
-#define SCORE_STEP(a, x, b) ((a) - (x) * (b))
+#define V_TRACK(w, a, m, i) PATH(selecti)((a) < (m), (i), (w))
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -108,7 +110,7 @@ int vq_supported(void) { return 1; }
 #undef FMA_CHAINS
 #undef V_MIN
 #undef V_STEP
-#undef SCORE_STEP
+#undef V_TRACK
 
 #ifdef VQ_X86
 /* AVX2 + FMA: 16 ymm registers, a tile of 6 rows x 16 codes. */
@@ -120,7 +122,8 @@ int vq_supported(void) { return 1; }
 #define FMA_CHAINS 12
 #define V_MIN(a, b) ((PATH(vf))_mm256_min_ps((a), (b)))
 #define V_STEP(a, x, b) ((PATH(vf))_mm256_fnmadd_ps(_mm256_set1_ps(x), (b), (a)))
-#define SCORE_STEP(a, x, b) __builtin_fmaf(-(x), (b), (a))
+#define V_TRACK(w, a, m, i)                                                               \
+    ((PATH(vi))_mm256_blendv_ps((__m256)(w), (__m256)(i), _mm256_cmp_ps((a), (m), _CMP_LT_OQ)))
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -130,7 +133,7 @@ int vq_supported(void) { return 1; }
 #undef FMA_CHAINS
 #undef V_MIN
 #undef V_STEP
-#undef SCORE_STEP
+#undef V_TRACK
 
 /* AVX-512: 32 zmm registers, a tile of 6 rows x 64 codes (24 accumulators, 4 code vectors,
  * the row values broadcast from memory by the FMAs themselves). */
@@ -142,7 +145,9 @@ int vq_supported(void) { return 1; }
 #define FMA_CHAINS 24
 #define V_MIN(a, b) ((PATH(vf))_mm512_min_ps((a), (b)))
 #define V_STEP(a, x, b) ((PATH(vf))_mm512_fnmadd_ps(_mm512_set1_ps(x), (b), (a)))
-#define SCORE_STEP(a, x, b) __builtin_fmaf(-(x), (b), (a))
+#define V_TRACK(w, a, m, i)                                                               \
+    ((PATH(vi))_mm512_mask_mov_epi32((__m512i)(w), _mm512_cmp_ps_mask((a), (m), _CMP_LT_OQ), \
+                                     (__m512i)(i)))
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -152,12 +157,11 @@ int vq_supported(void) { return 1; }
 #undef FMA_CHAINS
 #undef V_MIN
 #undef V_STEP
-#undef SCORE_STEP
+#undef V_TRACK
 #endif
 
 typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, const float *, const float *,
-                       int64_t, int64_t, const float *, const float *, const float *, int64_t *,
-                       float *);
+                       int64_t, int64_t, const float *, const float *, int64_t *, float *);
 
 static rows_fn rows_for(int isa) {
     switch (isa) {
@@ -177,12 +181,10 @@ static rows_fn rows_for(int isa) {
  * no oversubscription). The packed codes are centred on `center` [d] (the codebook's mean) and
  * each row block is centred the same way before it is scored: distances are invariant to the
  * translation, and the scores h - x.c then do not cancel catastrophically when the data share
- * a large offset; `centred` [num_codes][d] holds the centred codes in rows (the values packed),
- * from which the final recomputation reads its few candidates. Writes codes[0:n] and the
- * Euclidean distances ||x - codebook[code]|| (of the uncentred vectors) to distances[0:n]. */
+ * a large offset. Writes codes[0:n] and the Euclidean distances ||x - codebook[code]|| (of the uncentred vectors) to distances[0:n]. */
 int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
                    const float *half_norms, int64_t padded_groups, int64_t num_codes,
-                   const float *codebook, const float *centred, const float *center,
+                   const float *codebook, const float *center,
                    int64_t *codes, float *distances, int64_t rows_per_slice, int threads,
                    int isa) {
     if (!vq_isa_supported(isa) || d < 1 || rows_per_slice < 1) return VQ_UNSUPPORTED;
@@ -194,7 +196,7 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
         const int result = rows(x, begin, end, d, packed, half_norms, padded_groups, num_codes,
-                                codebook, centred, center, codes, distances);
+                                codebook, center, codes, distances);
         VQ_RECORD_FAILURE(status, result);
     }
     return status;

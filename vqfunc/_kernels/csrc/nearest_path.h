@@ -11,12 +11,13 @@
  *   FMA_CHAINS     independent accumulators of the FMA probe
  *   V_STEP(a, x, b)      one step a - x b of the scores (vectors a, b, scalar x): one fused
  *                  multiply-subtract where the path has FMA
- *   SCORE_STEP(a, x, b)  the same step on floats, rounded the same way
+ *   V_TRACK(w, a, m, i)  the int vector i in the lanes where a < m (ordered), w elsewhere: a
+ *                  compare and a blend
  *
  * A register tile holds TILE_ROWS x TILE_PANELS x (PANEL / LANES) accumulators; the scores are
  * s(x, k) = h_k - x . c_k, each one accumulated by the same sequence of steps (V_STEP in the
- * tile loop, SCORE_STEP in the final recomputation: fused multiply-subtracts where the path has
- * FMA), so the two agree bit for bit. Everything is undefined again at the end of the file.
+ * tile loop and in the small-d recomputation of a group: fused multiply-subtracts where the path
+ * has FMA), so the two agree bit for bit. Everything is undefined again at the end of the file.
  */
 
 #define VPP (PANEL / LANES)             /* vectors per panel */
@@ -40,6 +41,7 @@ INLINE VF PATH(splat)(float x) { return x - (VF){0}; }
 INLINE VF PATH(select)(VI mask, VF a, VF b) {
     return (VF)((mask & (VI)a) | (~mask & (VI)b));
 }
+INLINE VI PATH(selecti)(VI mask, VI a, VI b) { return (mask & a) | (~mask & b); }
 
 /* 0, 1, ..., LANES - 1. */
 INLINE VI PATH(iota)(void) {
@@ -108,44 +110,18 @@ PATH_TARGET static int64_t PATH(rescan_group)(const float *x, int64_t d, const f
     }
 }
 
-/* The first code of group g (of gp panels) whose score for the row x equals v, or -1. Lane l
- * of a row's minima covers the codes c = g gp PANEL + q LANES + l (q < gp VPP) of group g, so
- * only the lanes holding v first reached in g (best == v, best_group == g) have candidates, gp
- * VPP each: their scores are recomputed from the centred codes in rows (codes [num_codes][d])
- * by the very multiply-subtract sequence of the tile loop, four independent chains at a time,
- * and compared in code order. Reads a few code rows, not the group's panels. */
-INLINE int64_t PATH(first_code)(const float *x, int64_t d, const float *rows,
-                                const float *half_norms, int64_t num_codes,
-                                const float *best, const int32_t *best_group, int64_t gp,
-                                int32_t g, float v) {
-    /* The lanes holding v first reached in g, as bits. */
+/* The first code reaching v, the row's minimum, first reached in group g (of gp panels), from
+ * the row's lane minima: lane l of the row's minima covers the codes
+ * c = g' gp PANEL + q LANES + l (q < gp VPP) of every group g', and best_q[l] is the q of the
+ * first code of best_group[l] that reached best[l] (tracked by the tile loop). Among the lanes
+ * holding v first reached in g, the smallest such code. Nothing is recomputed. */
+INLINE int64_t PATH(tracked_code)(const float *best, const int32_t *best_group,
+                                  const int32_t *best_q, int64_t gp, int32_t g, float v) {
     const VI holds = (PATH(load)(best) == PATH(splat)(v)) & (PATH(loadi)(best_group) == g);
-    uint32_t lanes = 0;
-#pragma GCC unroll 16
-    for (int l = 0; l < LANES; ++l) lanes |= (uint32_t)(holds[l] & 1) << l;
-    int64_t candidates[MAX_GROUP_PANELS * PANEL];
-    int count = 0;
-    for (int q = 0; q < gp * VPP; ++q)
-        for (uint32_t bits = lanes; bits != 0; bits &= bits - 1) {
-            const int64_t c = (int64_t)g * gp * PANEL + q * LANES + __builtin_ctz(bits);
-            if (c < num_codes) candidates[count++] = c;
-        }
-    for (int i = 0; i < count; i += 4) {
-        /* Up to four candidates at a time (the last one repeated to fill the chains). */
-        int64_t c[4];
-        float a[4];
-        for (int u = 0; u < 4; ++u) {
-            c[u] = candidates[i + u < count ? i + u : count - 1];
-            a[u] = half_norms[c[u]];
-        }
-        for (int64_t j = 0; j < d; ++j) {
-            const float xj = x[j];
-            for (int u = 0; u < 4; ++u) a[u] = SCORE_STEP(a[u], xj, rows[c[u] * d + j]);
-        }
-        for (int u = 0; u < 4 && i + u < count; ++u)
-            if (a[u] == v) return c[u];
-    }
-    return -1;
+    const VI code = (int32_t)((int64_t)g * gp * PANEL) + PATH(loadi)(best_q) * LANES + PATH(iota)();
+    const VI none = INT32_MAX + (VI){0};
+    const int32_t first = PATH(all_imin)(PATH(selecti)(holds, code, none))[0];
+    return first == INT32_MAX ? -1 : first;
 }
 
 /* ||x - c|| over d floats, with LANES partial sums. */
@@ -174,20 +150,26 @@ INLINE void PATH(row_minimum)(const float *best, const int32_t *best_group, floa
     *g = PATH(all_imin)(groups)[0];
 }
 
-/* Fold one group's lane minima m into best / best_group (branch-free). */
-INLINE void PATH(record_group)(VF m, int64_t g, float *best, int32_t *best_group) {
+/* Fold one group's lane minima m (first reached at vectors q of the group) into best /
+ * best_group / best_q (branch-free; best_q only when `track`). */
+INLINE void PATH(record_group)(VF m, VI q, int64_t g, float *best, int32_t *best_group,
+                               int32_t *best_q, const int track) {
     const VF prev = PATH(load)(best);
     const VI better = m < prev;
     const VI group_id = (int32_t)g + (VI){0};
     PATH(store)(best, PATH(select)(better, m, prev));
-    PATH(storei)(best_group, (better & group_id) | (~better & PATH(loadi)(best_group)));
+    PATH(storei)(best_group, PATH(selecti)(better, group_id, PATH(loadi)(best_group)));
+    if (track) PATH(storei)(best_q, PATH(selecti)(better, q, PATH(loadi)(best_q)));
 }
 
 /* The scores of TILE_PANELS panels (at pp, half norms at hn) for the TILE_ROWS rows at xt (row
- * stride d), reduced to each row's lane minima. `d` is a compile-time constant at the
- * specialised call sites, which lets the compiler unroll the dimension loop. */
+ * stride d), reduced to each row's lane minima and, with `track`, the vector (0 .. NV - 1) of
+ * each lane where its minimum first occurs: a lane moves on to vector v only where v's score
+ * is below the minimum so far, exactly where the minimum itself moves (V_MIN(a, m) is a where
+ * a < m, else m). `d` and `track` are compile-time constants at the specialised call sites,
+ * which lets the compiler unroll the dimension loop. */
 INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, const float *hn,
-                               VF minima[TILE_ROWS]) {
+                               VF minima[TILE_ROWS], VI which[TILE_ROWS], const int track) {
     VF h[NV], b[NV], a[TILE_ROWS][NV];
     for (int v = 0; v < NV; ++v) h[v] = PATH(load)(hn + v * LANES);
     /* An opaque copy of the row pointer: keeps the compiler from hoisting one address per row
@@ -210,26 +192,46 @@ INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, cons
     }
     for (int i = 0; i < TILE_ROWS; ++i) {
         VF m = a[i][0];
-        for (int v = 1; v < NV; ++v) m = V_MIN(a[i][v], m);
+        VI w = (VI){0};
+        for (int v = 1; v < NV; ++v) {
+            if (track) w = V_TRACK(w, a[i][v], m, v + (VI){0});
+            m = V_MIN(a[i][v], m);
+        }
         minima[i] = m;
+        which[i] = w;
     }
 }
 
 /* Lane minima of the scores of the TILE_ROWS rows at xt against the codes of groups [g0, g1)
- * of gp panels, folded into best/best_group (rows past `rows` are ignored). */
+ * of gp panels, folded into best/best_group/best_q (rows past `rows` are ignored). */
 INLINE void PATH(tile)(const float *xt, int rows, int64_t d, const float *packed,
                        const float *half_norms, int64_t gp, int64_t g0, int64_t g1,
-                       float (*best)[LANES], int32_t (*best_group)[LANES]) {
+                       float (*best)[LANES], int32_t (*best_group)[LANES],
+                       int32_t (*best_q)[LANES], const int track) {
     for (int64_t g = g0; g < g1; ++g) {
         VF m[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; ++i) m[i] = PATH(splat)(INFINITY);
+        VI q[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; ++i) {
+            m[i] = PATH(splat)(INFINITY);
+            q[i] = (VI){0};
+        }
         for (int64_t p = g * gp; p < (g + 1) * gp; p += TILE_PANELS) {
             VF minima[TILE_ROWS];
-            PATH(panel_minima)(xt, d, packed + p * d * PANEL, half_norms + p * PANEL, minima);
+            VI which[TILE_ROWS];
+            PATH(panel_minima)(xt, d, packed + p * d * PANEL, half_norms + p * PANEL, minima,
+                               which, track);
+            /* The vectors of this call are q = (p - g gp) VPP + which of the group; the first
+             * call's are taken as they are (where its minima are not below +inf, the lane
+             * records nothing for this group). */
+            const int32_t first = (int32_t)((p - g * gp) * VPP);
             /* min(score, m) keeps m when a score is NaN. */
-            for (int i = 0; i < TILE_ROWS; ++i) m[i] = V_MIN(minima[i], m[i]);
+            for (int i = 0; i < TILE_ROWS; ++i) {
+                if (track) q[i] = first == 0 ? which[i] : V_TRACK(q[i], minima[i], m[i], which[i] + first);
+                m[i] = V_MIN(minima[i], m[i]);
+            }
         }
-        for (int i = 0; i < rows; ++i) PATH(record_group)(m[i], g, best[i], best_group[i]);
+        for (int i = 0; i < rows; ++i)
+            PATH(record_group)(m[i], q[i], g, best[i], best_group[i], best_q[i], track);
     }
 }
 
@@ -237,17 +239,22 @@ INLINE void PATH(tile)(const float *xt, int rows, int64_t d, const float *packed
  * minima m (in memory). The caller sweeps every row tile of a row block over them, so the
  * panels stay in L1 instead of streaming from L2 per tile. */
 PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float *pp,
-                                         const float *hn, float (*m)[LANES]) {
+                                         const float *hn, float (*m)[LANES],
+                                         int32_t (*mq)[LANES], int32_t first) {
     VF minima[TILE_ROWS];
-    PATH(panel_minima)(xt, d, pp, hn, minima);
-    for (int i = 0; i < TILE_ROWS; ++i)
-        PATH(store)(m[i], V_MIN(minima[i], PATH(load)(m[i])));
+    VI which[TILE_ROWS];
+    PATH(panel_minima)(xt, d, pp, hn, minima, which, 1);
+    for (int i = 0; i < TILE_ROWS; ++i) {
+        const VF prev = PATH(load)(m[i]);
+        PATH(storei)(mq[i], V_TRACK(PATH(loadi)(mq[i]), minima[i], prev, which[i] + first));
+        PATH(store)(m[i], V_MIN(minima[i], prev));
+    }
 }
 
 #define TILE_CASE(D)                                                                      \
     case D:                                                                               \
         PATH(tile)(xt, rows, D, packed, half_norms, gp, g0, g1, best + (t - r0),          \
-                   best_group + (t - r0));                                                \
+                   best_group + (t - r0), best_q + (t - r0), (D) > SMALL_RESCAN_D);       \
         break;
 
 /* Rows [row_begin, row_end) of x: see nearest_rows in nearest.c (the arguments are the same). */
@@ -255,19 +262,22 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
                                           int64_t d, const float *packed,
                                           const float *half_norms, int64_t padded_groups,
                                           int64_t num_codes, const float *codebook,
-                                          const float *centred, const float *center,
-                                          int64_t *codes,
+                                          const float *center, int64_t *codes,
                                           float *distances) {
     /* One heap buffer (nothing large on the thread stack): the centred rows of one block,
      * padded with its last row to whole tiles, then the lane minima of the block's rows (best,
-     * best_group) and of one group (minima). */
+     * best_group, best_q) and of one group (minima, minima_q). */
     const size_t block_floats = (size_t)(ROW_BLOCK + TILE_ROWS) * (size_t)d;
-    float *block =
-        malloc(sizeof(float) * (block_floats + (3 * ROW_BLOCK + TILE_ROWS) * LANES));
+    const size_t lanes = (size_t)(5 * ROW_BLOCK + 2 * TILE_ROWS) * LANES;
+    float *block = malloc(sizeof(float) * (block_floats + lanes));
     if (block == NULL) return VQ_NO_MEMORY;
-    float (*best)[LANES] = (float (*)[LANES])(block + block_floats);
-    int32_t (*best_group)[LANES] = (int32_t (*)[LANES])(block + block_floats + ROW_BLOCK * LANES);
-    float (*minima)[LANES] = (float (*)[LANES])(block + block_floats + 2 * ROW_BLOCK * LANES);
+    float *lane_rows = block + block_floats;
+    float (*best)[LANES] = (float (*)[LANES])lane_rows;
+    int32_t (*best_group)[LANES] = (int32_t (*)[LANES])(lane_rows + ROW_BLOCK * LANES);
+    int32_t (*best_q)[LANES] = (int32_t (*)[LANES])(lane_rows + 2 * ROW_BLOCK * LANES);
+    float (*minima)[LANES] = (float (*)[LANES])(lane_rows + 3 * ROW_BLOCK * LANES);
+    int32_t (*minima_q)[LANES] =
+        (int32_t (*)[LANES])(lane_rows + (4 * ROW_BLOCK + TILE_ROWS) * LANES);
     /* Panels per group: the final recomputation of one group per row costs gp 16 d FMAs, the
      * per-group bookkeeping a few operations per row; gp = 128 / d balances them. A group holds
      * whole register tiles. */
@@ -283,6 +293,7 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             for (int l = 0; l < LANES; ++l) {
                 best[i][l] = INFINITY;
                 best_group[i][l] = 0;
+                best_q[i][l] = 0;
             }
         for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i) {
             const float *src = x + (r0 + i < r1 ? r0 + i : r1 - 1) * d;
@@ -292,14 +303,18 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups;
             if (d >= PANEL_MAJOR_D) {
                 for (int64_t g = g0; g < g1; ++g) {
-                    for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i)
+                    for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i) {
                         PATH(store)(minima[i], PATH(splat)(INFINITY));
+                        PATH(storei)(minima_q[i], (VI){0});
+                    }
                     for (int64_t p = g * gp; p < (g + 1) * gp; p += TILE_PANELS)
                         for (int64_t t = r0; t < r1; t += TILE_ROWS)
                             PATH(panel_tile)(block + (t - r0) * d, d, packed + p * d * PANEL,
-                                             half_norms + p * PANEL, minima + (t - r0));
+                                             half_norms + p * PANEL, minima + (t - r0),
+                                             minima_q + (t - r0), (int32_t)((p - g * gp) * VPP));
                     for (int64_t i = 0; i < r1 - r0; ++i)
-                        PATH(record_group)(PATH(load)(minima[i]), g, best[i], best_group[i]);
+                        PATH(record_group)(PATH(load)(minima[i]), PATH(loadi)(minima_q[i]), g,
+                                           best[i], best_group[i], best_q[i], 1);
                 }
                 continue;
             }
@@ -314,7 +329,8 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
                     TILE_CASE(64)
                     default:
                         PATH(tile)(xt, rows, d, packed, half_norms, gp, g0, g1,
-                                   best + (t - r0), best_group + (t - r0));
+                                   best + (t - r0), best_group + (t - r0), best_q + (t - r0),
+                                   d > SMALL_RESCAN_D);
                 }
             }
         }
@@ -325,13 +341,13 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             PATH(row_minimum)(best[i], best_group[i], &v, &g);
             /* The first code reaching v lies in group g (every lane holding v there has g as
              * its first group reaching v). Small d: the group is recomputed with vectors (a
-             * few KiB of panels); larger d: only its candidates on the lanes holding v. */
+             * few KiB of panels; the tile loop tracks nothing there); larger d: the vectors the
+             * tile loop tracked name the code. */
             int64_t k_best = -1;
             if (g != INT32_MAX && d <= SMALL_RESCAN_D)
                 k_best = PATH(rescan_group)(row, d, packed, half_norms, gp, g, v);
             else if (g != INT32_MAX)
-                k_best = PATH(first_code)(row, d, centred, half_norms, num_codes, best[i],
-                                          best_group[i], gp, g, v);
+                k_best = PATH(tracked_code)(best[i], best_group[i], best_q[i], gp, g, v);
             /* No finite minimum (NaN inputs or overflow), or a padding code: code 0. */
             if (k_best < 0 || k_best >= num_codes) k_best = 0;
             codes[r0 + i] = k_best;
