@@ -8,7 +8,9 @@ forward+backward; a naive `torch.cdist` + `argmin` over the full `N x K` matrix;
 On CPU each timed call starts after a short pause, so that no method pays for the threads the
 method before it left spinning.
 Each is printed as a median time and as a ratio; the codes of every method are compared with
-vqfunc's.
+vqfunc's. By default glibc's `malloc` is told to keep freed memory for reuse, for every method
+alike (`--allocator system` keeps its defaults, under which each call returning large tensors
+pays the OS for fresh zeroed pages; see `vqfunc.bench._allocator`); the first line says which.
 
 Peak memory: on CPU, torch allocates through the C allocator, which `tracemalloc` does not see,
 so peaks are read from the kernel: `/proc/self/clear_refs` resets the peak resident set size

@@ -10,6 +10,7 @@ import torch
 
 import vqfunc.bench as _package
 from vqfunc._search import uses_cpu_kernel
+from vqfunc.bench._allocator import retain_freed_memory
 from vqfunc.bench._gpu_check import gpu_check
 from vqfunc.bench._kmeans import KMEANS_QUICK_SHAPES, KMEANS_SHAPES, run_kmeans
 from vqfunc.bench._lfq import lfq_check
@@ -46,16 +47,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the CUDA tests, then torch against Triton on CUDA (run in the repository root)",
     )
     parser.add_argument("--kmeans", action="store_true", help="k-means vs faiss and sklearn")
+    parser.add_argument(
+        "--allocator",
+        default="retain",
+        choices=["retain", "system"],
+        help="retain: glibc keeps freed memory for reuse (mallopt); system: its defaults",
+    )
     args = parser.parse_args(argv)
     if args.gpu_check:
         return gpu_check(Path.cwd(), quick=args.quick)
+    allocator = "system defaults"
+    if args.allocator == "retain":
+        allocator = "freed memory retained" if retain_freed_memory() else "system (not glibc)"
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     probe = torch.zeros(1, 1, device=device, dtype=torch.promote_types(dtype, torch.float32))
     print(
         f"vqfunc.bench: device={device}, dtype={args.dtype}, threads={args.threads}, "
-        f"repeats={args.repeats}, compiled CPU kernel in use: {uses_cpu_kernel(probe, probe)}"
+        f"repeats={args.repeats}, compiled CPU kernel in use: {uses_cpu_kernel(probe, probe)}, "
+        f"malloc: {allocator}"
     )
     if args.memory:
         report = memory_check(device, dtype)
