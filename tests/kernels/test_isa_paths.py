@@ -272,6 +272,7 @@ def test_the_portable_path_builds_for_aarch64(tmp_path: Path) -> None:
     for name in (
         "vq_nearest_f32",
         "vq_pack_f32",
+        "vq_center_f32",
         "vq_isa_available",
         "vq_fma_probe",
         "vq_st_forward_f32",

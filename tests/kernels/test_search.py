@@ -234,6 +234,34 @@ def test_codebook_packing_layout() -> None:
 
 
 @needs_kernel
+def test_compiled_center_is_the_float64_mean_of_the_finite_codes() -> None:
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(300, 7, generator=g) + 1000.0
+    codebook[5, 2], codebook[17, 0], codebook[40, 6] = torch.nan, torch.inf, -torch.inf
+    finite = torch.isfinite(codebook).all(-1)
+    expected = codebook[finite].double().mean(0).float()
+    assert torch.equal(_cpu_kernel.codebook_center_f32(codebook), expected)
+    # None finite: zeros, as torch_search.codebook_center gives.
+    assert torch.equal(
+        _cpu_kernel.codebook_center_f32(torch.full((4, 3), torch.nan)), torch.zeros(3)
+    )
+
+
+@needs_kernel
+def test_packing_less_a_center_packs_the_centred_codes() -> None:
+    g = torch.Generator().manual_seed(4)
+    codebook, center = torch.randn(70, 5, generator=g), torch.randn(5, generator=g)
+    codebook[3] = torch.nan
+    moved = codebook - center
+    for got, want in zip(
+        _cpu_kernel.pack_codebook(codebook, center), _cpu_kernel.pack_codebook(moved), strict=True
+    ):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="center"):
+        _cpu_kernel.pack_codebook(codebook, torch.zeros(4))
+
+
+@needs_kernel
 def test_kernel_rejects_what_it_cannot_read_safely() -> None:
     # A codebook narrower than the vectors would make the kernel read past its end.
     with pytest.raises(ValueError, match="codebook"):

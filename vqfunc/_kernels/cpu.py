@@ -52,7 +52,6 @@ import torch
 from torch import Tensor
 
 from vqfunc._kernels import build as _build_spec
-from vqfunc._kernels.torch_search import codebook_center
 
 _CSRC = _build_spec.CSRC
 _SOURCES = _build_spec.SOURCES
@@ -300,8 +299,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.vq_isa_available.argtypes = [c_int]
     lib.vq_fma_probe.restype = c_int
     lib.vq_fma_probe.argtypes = [c_int, i64, c_int, ptr, ptr]  # isa, rounds, threads, out
+    lib.vq_center_f32.restype = c_int
+    lib.vq_center_f32.argtypes = [ptr, i64, i64, ptr]  # codebook, K, d, center
     lib.vq_pack_f32.restype = None
-    lib.vq_pack_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.vq_pack_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]  # ..., center, panels, norms
     lib.vq_nearest_f32.restype = c_int
     lib.vq_nearest_f32.argtypes = [
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
@@ -436,6 +437,12 @@ def isa_paths() -> tuple[str, ...]:
     lib = _load()[0]
     if lib is None:
         raise RuntimeError("the vqfunc CPU kernel is not available on this machine")
+    return _paths_of(lib)
+
+
+@functools.lru_cache(maxsize=4)
+def _paths_of(lib: ctypes.CDLL) -> tuple[str, ...]:
+    """`isa_paths` of one loaded library, asked once (the CPU does not change)."""
     return tuple(name for code, name in enumerate(ISA_PATHS) if lib.vq_isa_available(code))
 
 
@@ -530,8 +537,9 @@ def _check_matrix(name: str, value: Tensor) -> None:
         )
 
 
-def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
-    """`[K, d]` float32 -> (panels `[P, d, 16]`, half squared norms `[P * 16]`), padded to groups.
+def pack_codebook(codebook: Tensor, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`[K, d]` float32 (less `center` `[d]`, when given) -> (panels `[P, d, 16]`, half squared
+    norms `[P * 16]`), padded to groups.
 
     Padding codes and codes with a non-finite entry have half norm `+inf` (and zero entries) so
     that they never win. Requires `available()`.
@@ -540,11 +548,27 @@ def pack_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
     _check_matrix("codebook", codebook)
     book = codebook.resolve_neg().contiguous()
     k, d = book.shape
+    if center is not None and (center.shape != (d,) or center.dtype != torch.float32):
+        raise ValueError(f"center: expected a float32 tensor of shape ({d},), got {center.shape}")
     padded_k = -(-max(k, 1) // GROUP) * GROUP
     panels = torch.empty(padded_k // PANEL, d, PANEL, dtype=torch.float32)
     half_norms = torch.empty(padded_k, dtype=torch.float32)
-    lib.vq_pack_f32(book.data_ptr(), k, d, padded_k, panels.data_ptr(), half_norms.data_ptr())
+    center_ptr = None if center is None else center.resolve_neg().contiguous().data_ptr()
+    lib.vq_pack_f32(
+        book.data_ptr(), k, d, padded_k, center_ptr, panels.data_ptr(), half_norms.data_ptr()
+    )
     return panels, half_norms
+
+
+def codebook_center_f32(codebook: Tensor) -> Tensor:
+    """The mean `[d]` of the finite codes of a float32 CPU codebook `[K, d]` (zeros when none
+    is finite), accumulated in float64: what `torch_search.codebook_center` computes, in one
+    pass. Requires `available()`."""
+    _check_matrix("codebook", codebook)
+    book = codebook.resolve_neg().contiguous()
+    center = torch.empty(book.shape[1], dtype=torch.float32)
+    check_status(library().vq_center_f32(book.data_ptr(), *book.shape, center.data_ptr()))
+    return center
 
 
 @torch.profiler.record_function("vqfunc.cpu_kernel.nearest_codes")
@@ -582,8 +606,8 @@ def nearest_codes_f32(
     if n == 0:
         return codes, distances
     # Rows and codes are scored centred on the codes' mean (the kernel centres each row block).
-    center = codebook_center(book).contiguous()
-    panels, half_norms = pack_codebook(book - center)
+    center = codebook_center_f32(book)
+    panels, half_norms = pack_codebook(book, center)
     groups = half_norms.shape[0] // GROUP
     work = n * groups * GROUP * max(d, 1)
     threads = max(1, min(max_threads(), work // _MIN_WORK_PER_THREAD))

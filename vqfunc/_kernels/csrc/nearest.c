@@ -49,23 +49,44 @@
 #define PANEL_MAJOR_D 128
 #endif
 
-/* Packs codebook [k, d] into panels [padded_k / 16][d][16] and half squared norms [padded_k].
- * Padding codes and codes with a non-finite entry get h = +inf and zero entries, so they are
- * never chosen (and add no NaN to a score). Plain loops: the codebook is small next to the
- * search. */
-void vq_pack_f32(const float *codebook, int64_t k, int64_t d, int64_t padded_k, float *packed,
-                 float *half_norms) {
+/* The mean center [d] of the codes of codebook [k, d] whose entries are all finite (zeros when
+ * none is), accumulated in double. Status VQ_OK, or VQ_NO_MEMORY. */
+int vq_center_f32(const float *codebook, int64_t k, int64_t d, float *center) {
+    double *sum = calloc((size_t)(d > 0 ? d : 1), sizeof(double));
+    if (sum == NULL) return VQ_NO_MEMORY;
+    int64_t count = 0;
+    for (int64_t c = 0; c < k; ++c) {
+        const float *code = codebook + c * d;
+        int finite = 1;
+        for (int64_t j = 0; j < d && finite; ++j) finite = isfinite(code[j]);
+        if (!finite) continue;
+        for (int64_t j = 0; j < d; ++j) sum[j] += code[j];
+        ++count;
+    }
+    for (int64_t j = 0; j < d; ++j) center[j] = count > 0 ? (float)(sum[j] / (double)count) : 0.0f;
+    free(sum);
+    return VQ_OK;
+}
+
+/* Packs codebook [k, d], less center [d] (NULL: none), into panels [padded_k / 16][d][16] and
+ * half squared norms [padded_k]. Padding codes and codes with a non-finite entry (after the
+ * subtraction) get h = +inf and zero entries, so they are never chosen (and add no NaN to a
+ * score). Plain loops: the codebook is small next to the search. */
+void vq_pack_f32(const float *codebook, int64_t k, int64_t d, int64_t padded_k,
+                 const float *center, float *packed, float *half_norms) {
     for (int64_t c = 0; c < padded_k; ++c) {
         const float *code = codebook + c * d;
         float *lane = packed + (c / PANEL) * d * PANEL + (c % PANEL);
         int finite = c < k;
         float sq = 0.0f;
         for (int64_t j = 0; j < d && finite; ++j) {
-            finite = isfinite(code[j]);
-            sq += code[j] * code[j];
+            const float v = center ? code[j] - center[j] : code[j];
+            finite = isfinite(v);
+            sq += v * v;
         }
         finite = finite && isfinite(sq);
-        for (int64_t j = 0; j < d; ++j) lane[j * PANEL] = finite ? code[j] : 0.0f;
+        for (int64_t j = 0; j < d; ++j)
+            lane[j * PANEL] = finite ? (center ? code[j] - center[j] : code[j]) : 0.0f;
         half_norms[c] = finite ? 0.5f * sq : INFINITY;
     }
 }
