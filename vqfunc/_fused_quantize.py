@@ -26,6 +26,7 @@ from torch import Tensor
 from vqfunc._kernels import fused_forward_cpu as _fused_cpu
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through as _straight_through
+from vqfunc._kernels.transforms import traced_or_transformed, transforms_active
 from vqfunc._metrics import perplexity
 from vqfunc._search import nearest_codes
 from vqfunc._validity import valid_rows
@@ -171,7 +172,7 @@ def _backward(
     groups, d = z.shape[1], z.shape[2]
     flat = _flat_codes(codes, codebook)
     weights = _weights(valid, mask, groups, z.dtype)
-    wrapped = not torch.compiler.is_compiling() and _straight_through.transforms_active()
+    wrapped = not torch.compiler.is_compiling() and transforms_active()
     backward = _straight_through._Backward.apply if wrapped else _straight_through._backward_op
     rows_of = lambda g: None if g is None else g.reshape(-1, d)  # noqa: E731
     grad_flat, grad_book = backward(
@@ -228,5 +229,6 @@ def fused_quantize(
     if mask is not None:
         mask = mask.detach().to(rows.dtype)
     args = (rows, codebook, mask, float(beta), float(nu))
-    use_function = _straight_through.needs_function()
-    return FusedQuantized(*(_FusedQuantize.apply(*args) if use_function else _fused_op(*args)))
+    # The Function for transforms and the tracer, the operator itself in plain eager calls.
+    op = _FusedQuantize.apply if traced_or_transformed() else _fused_op
+    return FusedQuantized(*op(*args))

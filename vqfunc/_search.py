@@ -40,6 +40,7 @@ from vqfunc._kernels import cpu as _cpu_kernel
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import torch_search as _torch_search
 from vqfunc._kernels import triton_search as _triton_search
+from vqfunc._kernels.transforms import plain_eager
 
 # Rows per chunk of the exact distance computation (a `chunk x d` difference at a time).
 _DISTANCE_ROWS = 1 << 14
@@ -73,8 +74,8 @@ def _exact_distances(vectors: Tensor, codebook: Tensor, codes: Tensor) -> Tensor
     return distances
 
 
-@torch.library.custom_op("vqfunc::nearest_codes", mutates_args=())
-def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+def _search(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """The operator's implementation: codes and distances of detached `[N, d]` against `[K, d]`."""
     if vectors.shape[0] > 0 and codebook.shape[0] > 0:
         if _policy.triton_runs(vectors, codebook):
             codes = _triton_search.try_search_codes(vectors, codebook)
@@ -87,6 +88,11 @@ def _nearest_codes_op(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor
     vectors, codebook = vectors.to(dtype), codebook.to(dtype)
     codes = torch_nearest_codes(vectors, codebook)
     return codes, _exact_distances(vectors, codebook, codes)
+
+
+# A registered operator (vmap rule, fake implementation) for the transforms and the tracer;
+# plain eager calls take `_search` itself (see vqfunc._kernels.transforms).
+_nearest_codes_op = torch.library.custom_op("vqfunc::nearest_codes", mutates_args=())(_search)
 
 
 @_nearest_codes_op.register_fake
@@ -141,7 +147,7 @@ def nearest_codes(vectors: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     if not _keeps_input_dtype(z, c):
         dtype = search_dtype(torch.promote_types(z.dtype, c.dtype))
         z, c = z.to(dtype), c.to(dtype)
-    return _nearest_codes_op(z, c)
+    return _search(z, c) if plain_eager(z, c) else _nearest_codes_op(z, c)
 
 
 def _keeps_input_dtype(vectors: Tensor, codebook: Tensor) -> bool:

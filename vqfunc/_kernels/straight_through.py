@@ -39,6 +39,7 @@ from torch import Tensor
 
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through_cpu as _straight_through_cpu
+from vqfunc._kernels.transforms import traced_or_transformed, transforms_active
 
 
 def _chunk_rows(z: Tensor) -> int:
@@ -231,8 +232,8 @@ def _forward_backward(
     if not (need_z or need_codebook):
         return None, None, None, None, None, None
     # The operator itself where `torch.compile` traces this backward (its tracer does not take
-    # an autograd.Function nested in another's backward) and in plain eager calls; the
-    # func-transform wrapper under a transform.
+    # an autograd.Function nested in another's backward) and in plain eager calls (see
+    # vqfunc._kernels.transforms); the func-transform wrapper under a transform.
     wrapped = not torch.compiler.is_compiling() and transforms_active()
     backward = _Backward.apply if wrapped else _backward_op
     grad_z, grad_codebook = backward(
@@ -329,21 +330,6 @@ torch.library.register_vmap("vqfunc::straight_through_forward", _looped(_forward
 torch.library.register_vmap("vqfunc::straight_through_backward", _looped(_backward_op))
 
 
-def transforms_active() -> bool:
-    """Whether a `torch.func` transform is active, so that an operator call must go through its
-    autograd.Function (see below). Plain eager calls take the operator itself, whose autograd
-    formula is the same: a Function's `apply` binds its arguments by signature on every call,
-    a third of a millisecond on a small batch."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return active is None or bool(active())
-
-
-def needs_function() -> bool:
-    """Whether a forward call goes through its autograd.Function: under a transform, and under
-    `torch.compile`, which traces the Functions as they are."""
-    return torch.compiler.is_compiling() or transforms_active()
-
-
 # The operators' `register_autograd` formulas serve eager autograd and `torch.compile`, but
 # `torch.func` transforms (`grad`, `vjp`, `jacrev`) need an autograd.Function with
 # `setup_context` around them: these two call the operators and share the same formulas, and
@@ -417,4 +403,4 @@ def straight_through_with_loss(
     if weights is not None:
         weights = weights.detach().to(z.dtype)
     args = (z, codebook, codes, weights, float(beta), float(nu))
-    return _StraightThrough.apply(*args) if needs_function() else _forward_op(*args)
+    return _StraightThrough.apply(*args) if traced_or_transformed() else _forward_op(*args)

@@ -1,0 +1,31 @@
+"""Whether a call runs under a `torch.func` transform or `torch.compile`'s tracer.
+
+vqfunc's operators are registered custom operators (with vmap rules, fake implementations and
+autograd formulas), some wrapped in an `autograd.Function` for the `torch.func` transforms.
+That machinery serves the transforms and the tracer; a plain eager call pays for it (a custom
+operator's dispatch, a Function's argument binding by signature) and needs none of it. Call
+sites ask these two questions to take the direct route where they may.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def transforms_active() -> bool:
+    """Whether a `torch.func` transform (`vmap`, `grad`, `vjp`, ...) is active (True when this
+    torch cannot say)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is None or bool(active())
+
+
+def traced_or_transformed() -> bool:
+    """Whether `torch.compile` traces this call or a `torch.func` transform is active."""
+    return torch.compiler.is_compiling() or transforms_active()
+
+
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether a call on `tensors` may skip the registered operator: neither traced nor
+    transformed, and every tensor a plain `torch.Tensor` (not a fake or other subclass that
+    the operator's registrations exist for)."""
+    return not traced_or_transformed() and all(type(t) is torch.Tensor for t in tensors)
