@@ -61,6 +61,13 @@ INLINE VF PATH(all_min)(VF v) {
     for (int s = LANES / 2; s >= 1; s /= 2) v = V_MIN(__builtin_shuffle(v, PATH(iota)() ^ s), v);
     return v;
 }
+/* The sum of the lanes of v in every lane: a butterfly of shuffles (log2 LANES dependent adds,
+ * not LANES). */
+INLINE VF PATH(all_sum)(VF v) {
+#pragma GCC unroll 8
+    for (int s = LANES / 2; s >= 1; s /= 2) v += __builtin_shuffle(v, PATH(iota)() ^ s);
+    return v;
+}
 INLINE VI PATH(all_imin)(VI v) {
 #pragma GCC unroll 8
     for (int s = LANES / 2; s >= 1; s /= 2)
@@ -124,6 +131,15 @@ INLINE int64_t PATH(tracked_code)(const float *best, const int32_t *best_group,
     return first == INT32_MAX ? -1 : first;
 }
 
+/* out[0:d] = x[0:d] - center[0:d], with vectors (the buffers may not overlap; the compiler
+ * cannot know that and would not vectorise the plain loop). */
+INLINE void PATH(centre_row)(const float *x, const float *center, int64_t d, float *out) {
+    int64_t j = 0;
+    for (; j + LANES <= d; j += LANES)
+        PATH(store)(out + j, PATH(load)(x + j) - PATH(load)(center + j));
+    for (; j < d; ++j) out[j] = x[j] - center[j];
+}
+
 /* ||x - c|| over d floats, with LANES partial sums. */
 INLINE float PATH(distance)(const float *x, const float *c, int64_t d) {
     VF acc = {0};
@@ -132,8 +148,7 @@ INLINE float PATH(distance)(const float *x, const float *c, int64_t d) {
         const VF diff = PATH(load)(x + j) - PATH(load)(c + j);
         acc += diff * diff;
     }
-    float sq = 0.0f;
-    for (int l = 0; l < LANES; ++l) sq += acc[l];
+    float sq = PATH(all_sum)(acc)[0];
     for (; j < d; ++j) sq += (x[j] - c[j]) * (x[j] - c[j]);
     return sqrtf(sq);
 }
@@ -289,16 +304,13 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
     if (block_groups < 1) block_groups = 1;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += ROW_BLOCK) {
         const int64_t r1 = r0 + ROW_BLOCK < row_end ? r0 + ROW_BLOCK : row_end;
-        for (int64_t i = 0; i < r1 - r0; ++i)
-            for (int l = 0; l < LANES; ++l) {
-                best[i][l] = INFINITY;
-                best_group[i][l] = 0;
-                best_q[i][l] = 0;
-            }
-        for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i) {
-            const float *src = x + (r0 + i < r1 ? r0 + i : r1 - 1) * d;
-            for (int64_t j = 0; j < d; ++j) block[i * d + j] = src[j] - center[j];
+        for (int64_t i = 0; i < r1 - r0; ++i) {
+            PATH(store)(best[i], PATH(splat)(INFINITY));
+            PATH(storei)(best_group[i], (VI){0});
+            PATH(storei)(best_q[i], (VI){0});
         }
+        for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i)
+            PATH(centre_row)(x + (r0 + i < r1 ? r0 + i : r1 - 1) * d, center, d, block + i * d);
         for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
             const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups;
             if (d >= PANEL_MAJOR_D) {
