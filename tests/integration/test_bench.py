@@ -50,8 +50,32 @@ def test_bench_shape_compares_codes_of_every_method() -> None:
         pass
     assert set(row.agreement) == expected
     assert all(value >= 0.999 for value in row.agreement.values())
-    assert set(row.times) >= {"search", "quantize fwd", "quantize fwd+bwd"} | expected
+    assert set(row.times) >= {"search", "quantize fwd", "quantize fwd+bwd", "output writes"}
+    assert set(row.times) >= expected
     assert row.floor == pytest.approx(2.0 * 200 * 300 * 16 / rate)
+
+
+def test_bench_shape_takes_the_best_or_the_median_of_the_repeats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each method's timed calls take 3, 1 and 2 seconds, in that order (counted per method).
+    calls: dict[object, int] = {}
+
+    def fake_once(fn: object, device: torch.device) -> float:
+        calls[fn] = calls.get(fn, 0) + 1
+        return (3.0, 1.0, 2.0)[(calls[fn] - 1) % 3]
+
+    monkeypatch.setattr(bench._search, "_once", fake_once)
+    monkeypatch.setattr(bench._search, "_SETTLE_SECONDS", 0.0)
+    shape, cpu = (64, 8, 32), torch.device("cpu")
+    best = bench.bench_shape(shape, cpu, torch.float32, 3, 1e9, statistic="best")
+    calls.clear()
+    median = bench.bench_shape(shape, cpu, torch.float32, 3, 1e9, statistic="median")
+    assert set(best.times) == set(median.times) and "output writes" in best.times
+    assert set(best.times.values()) == {1.0}
+    assert set(median.times.values()) == {2.0}
+    with pytest.raises(ValueError, match="statistic: expected 'best' or 'median', got 'mean'"):
+        bench.bench_shape(shape, cpu, torch.float32, 1, 1e9, statistic="mean")
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:

@@ -34,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--statistic",
+        default="best",
+        choices=["best", "median"],
+        help="each method's time on a shape: its fastest repeat (as the floors) or the median",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
     parser.add_argument("--memory", action="store_true", help="peak memory of quantize on 1e6")
     parser.add_argument(
@@ -65,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe = torch.zeros(1, 1, device=device, dtype=torch.promote_types(dtype, torch.float32))
     print(
         f"vqfunc.bench: device={device}, dtype={args.dtype}, threads={args.threads}, "
-        f"repeats={args.repeats}, compiled CPU kernel in use: {uses_cpu_kernel(probe, probe)}, "
+        f"repeats={args.repeats} ({args.statistic}), "
+        f"compiled CPU kernel in use: {uses_cpu_kernel(probe, probe)}, "
         f"malloc: {allocator}"
     )
     if args.memory:
@@ -100,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for shape in shapes:
         rows.append(
-            bench_shape(shape, device, dtype, repeats, rate, peak and peak.rate)  # type: ignore[arg-type]
+            bench_shape(
+                *(shape, device, dtype, repeats, rate, peak and peak.rate),  # type: ignore[arg-type]
+                statistic=args.statistic,
+            )
         )
         print(format_table(rows).splitlines()[-1], flush=True)  # progress, one line per shape
     print()
