@@ -11,9 +11,10 @@ pass, or its own parallel region).
 It is the custom operator `vqfunc::fused_quantize` with a fake implementation (shapes for
 `torch.compile`), a vmap rule (one call per batch element) and an autograd formula whose
 backward is the straight-through backward operator of `vqfunc._kernels.straight_through`
-(with its double backward), restricted to the valid rows. Where the compiled kernels do not run
-(they failed to build, or a tensor is not a plain float32 CPU tensor), the operator computes
-the same in torch.
+(with its double backward), restricted to the valid rows; plain eager calls run the same
+implementation and formulas through a light autograd.Function instead of the dispatcher.
+Where the compiled kernels do not run (they failed to build, or a tensor is not a plain
+float32 CPU tensor), the operator computes the same in torch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 from vqfunc._kernels import fused_forward_cpu as _fused_cpu
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through as _straight_through
-from vqfunc._kernels.transforms import traced_or_transformed, transforms_active
+from vqfunc._kernels.transforms import plain_eager, traced_or_transformed, transforms_active
 from vqfunc._metrics import perplexity
 from vqfunc._search import nearest_codes
 from vqfunc._validity import valid_rows
@@ -113,8 +114,7 @@ def _torch_forward(rows: Tensor, codebook: Tensor, mask: Tensor | None) -> _fuse
     )
 
 
-@torch.library.custom_op("vqfunc::fused_quantize", mutates_args=())
-def _fused_op(
+def _fused_impl(
     rows: Tensor, codebook: Tensor, mask: Tensor | None, beta: float, nu: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`FusedQuantized` as a tuple; `beta` and `nu` only shape the backward."""
@@ -127,6 +127,9 @@ def _fused_op(
         r = _torch_forward(rows, codebook, mask)
     ppl = perplexity(r.histogram).mean()
     return r.z, r.out, r.z_q, r.codes, r.distances, r.loss, r.histogram, r.valid, r.num_invalid, ppl
+
+
+_fused_op = torch.library.custom_op("vqfunc::fused_quantize", mutates_args=())(_fused_impl)
 
 
 @_fused_op.register_fake
@@ -210,6 +213,21 @@ class _FusedQuantize(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+# Plain eager calls (no transform, no tracer, plain tensors) need neither the operator's
+# dispatch nor a Function's signature binding: an old-style Function (no `setup_context`, so
+# `apply` binds nothing) around the implementation, with the same formulas.
+class _EagerFusedQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, rows: Tensor, codebook: Tensor, mask: Tensor | None, beta: float, nu: float
+    ) -> tuple[Tensor, ...]:
+        output = _fused_impl(rows, codebook, mask, beta, nu)
+        _setup(ctx, (rows, codebook, mask, beta, nu), output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
 def fused_quantize(
     rows: Tensor, codebook: Tensor, mask: Tensor | None, *, beta: float, nu: float
 ) -> FusedQuantized:
@@ -229,6 +247,12 @@ def fused_quantize(
     if mask is not None:
         mask = mask.detach().to(rows.dtype)
     args = (rows, codebook, mask, float(beta), float(nu))
-    # The Function for transforms and the tracer, the operator itself in plain eager calls.
-    op = _FusedQuantize.apply if traced_or_transformed() else _fused_op
+    # The Function for transforms and the tracer, the operator for tensor subclasses (fakes),
+    # the implementation in plain eager calls.
+    if traced_or_transformed():
+        op = _FusedQuantize.apply
+    elif plain_eager(rows, codebook, *(() if mask is None else (mask,))):
+        op = _EagerFusedQuantize.apply
+    else:
+        op = _fused_op
     return FusedQuantized(*op(*args))

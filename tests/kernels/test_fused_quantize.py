@@ -251,3 +251,31 @@ def test_the_wrapper_refuses_bad_shapes_and_codes() -> None:
         _fused_cpu.forward(rows, codebook, codes, distances, torch.ones(9))
     with pytest.raises(RuntimeError, match="a code outside the codebook"):
         _fused_cpu.forward(rows, codebook, codes + 6, distances, None)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_eager_route_the_operator_and_the_function_agree_bit_for_bit(share: bool) -> None:
+    # Plain eager calls take an old-style Function around the implementation; the registered
+    # operator (tensor subclasses) and the transform Function must give the same numbers,
+    # first and second derivatives included.
+    from vqfunc import _fused_quantize as fq
+
+    rows, codebook, mask = _case(12, 2, 8, 20, share, "float", seed=5)
+    upstream = _upstream(rows, seed=5)
+
+    def run(route: object) -> list[torch.Tensor]:
+        x = rows.clone().requires_grad_(True)
+        book = codebook.clone().requires_grad_(True)
+        r = fq.FusedQuantized(*route(x, book, mask, 0.25, 0.5))  # type: ignore[operator]
+        task = 1.7 * r.loss + (r.out * upstream["out"].float()).sum()
+        task = task + (r.z_q * upstream["z_q"].float()).sum() + (r.z * upstream["z"].float()).sum()
+        grad_rows, grad_book = torch.autograd.grad(task, (x, book), create_graph=True)
+        (second,) = torch.autograd.grad((grad_book**2).sum(), (book,))
+        return [*r, grad_rows.detach(), grad_book.detach(), second]
+
+    eager = run(lambda *a: fused_quantize(*a[:3], beta=a[3], nu=a[4]))
+    assert fq.plain_eager(rows, codebook, mask)
+    for other in (run(fq._fused_op), run(fq._FusedQuantize.apply)):
+        for a, b in zip(eager, other, strict=True):
+            same_nans = bool((a.isnan() == b.isnan()).all())
+            assert same_nans and torch.equal(a.nan_to_num(), b.nan_to_num())
