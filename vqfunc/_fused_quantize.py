@@ -27,7 +27,11 @@ from torch import Tensor
 from vqfunc._kernels import fused_forward_cpu as _fused_cpu
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through as _straight_through
-from vqfunc._kernels.transforms import plain_eager, traced_or_transformed, transforms_active
+from vqfunc._kernels.transforms import (
+    plain_eager,
+    traced_or_transformed,
+    transformed_not_traced,
+)
 from vqfunc._metrics import perplexity
 from vqfunc._search import nearest_codes
 from vqfunc._validity import valid_rows
@@ -175,7 +179,7 @@ def _backward(
     groups, d = z.shape[1], z.shape[2]
     flat = _flat_codes(codes, codebook)
     weights = _weights(valid, mask, groups, z.dtype)
-    wrapped = not torch.compiler.is_compiling() and transforms_active()
+    wrapped = transformed_not_traced()
     backward = _straight_through._Backward.apply if wrapped else _straight_through._backward_op
     rows_of = lambda g: None if g is None else g.reshape(-1, d)  # noqa: E731
     grad_flat, grad_book = backward(

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through_cpu as _straight_through_cpu
-from vqfunc._kernels.transforms import traced_or_transformed, transforms_active
+from vqfunc._kernels.transforms import traced_or_transformed, transformed_not_traced
 
 
 def _chunk_rows(z: Tensor) -> int:
@@ -234,7 +234,7 @@ def _forward_backward(
     # The operator itself where `torch.compile` traces this backward (its tracer does not take
     # an autograd.Function nested in another's backward) and in plain eager calls (see
     # vqfunc._kernels.transforms); the func-transform wrapper under a transform.
-    wrapped = not torch.compiler.is_compiling() and transforms_active()
+    wrapped = transformed_not_traced()
     backward = _Backward.apply if wrapped else _backward_op
     grad_z, grad_codebook = backward(
         *(z, codebook, codes, weights, grad_out, grad_z_q, grad_loss),

@@ -24,6 +24,13 @@ def traced_or_transformed() -> bool:
     return torch.compiler.is_compiling() or transforms_active()
 
 
+def transformed_not_traced() -> bool:
+    """Whether a `torch.func` transform is active outside `torch.compile`'s tracer: where a
+    backward formula must call the transform Function (the tracer does not take an
+    autograd.Function nested in another's backward, and plain eager calls need neither)."""
+    return not torch.compiler.is_compiling() and transforms_active()
+
+
 def plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether a call on `tensors` may skip the registered operator: neither traced nor
     transformed, and every tensor a plain `torch.Tensor` (not a fake or other subclass that

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import sys
 import time
@@ -10,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from vqfunc.bench._allocator import _glibc
 
 _MIB = float(1 << 20)
 
@@ -20,10 +21,7 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cpu_supported = sys.platform.startswith("linux")
-        try:
-            self._libc: Any = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self._libc = None
+        self._libc: Any = _glibc()
 
     def _status(self, field: str) -> int:
         with open("/proc/self/status") as status:
