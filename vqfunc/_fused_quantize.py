@@ -27,11 +27,7 @@ from torch import Tensor
 from vqfunc._kernels import fused_forward_cpu as _fused_cpu
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through as _straight_through
-from vqfunc._kernels.transforms import (
-    plain_eager,
-    traced_or_transformed,
-    transformed_not_traced,
-)
+from vqfunc._kernels.transforms import plain_eager, traced_or_transformed
 from vqfunc._metrics import perplexity
 from vqfunc._search import nearest_codes
 from vqfunc._validity import valid_rows
@@ -179,13 +175,11 @@ def _backward(
     groups, d = z.shape[1], z.shape[2]
     flat = _flat_codes(codes, codebook)
     weights = _weights(valid, mask, groups, z.dtype)
-    wrapped = transformed_not_traced()
-    backward = _straight_through._Backward.apply if wrapped else _straight_through._backward_op
     rows_of = lambda g: None if g is None else g.reshape(-1, d)  # noqa: E731
-    grad_flat, grad_book = backward(
-        *(z.reshape(-1, d), codebook.reshape(-1, d), flat, weights),
-        *(rows_of(grad_out), rows_of(grad_z_q), grad_loss),
-        *(ctx.beta, ctx.nu, need_rows, need_codebook),
+    rows_and_book = (z.reshape(-1, d), codebook.reshape(-1, d), flat, weights)
+    tensors = (*rows_and_book, rows_of(grad_out), rows_of(grad_z_q), grad_loss)
+    grad_flat, grad_book = _straight_through.backward_route(*tensors)(
+        *tensors, *(ctx.beta, ctx.nu, need_rows, need_codebook)
     )
     grad_rows = grad_cb = None
     if need_rows:

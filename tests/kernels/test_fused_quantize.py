@@ -269,12 +269,15 @@ def test_the_eager_route_the_operator_and_the_function_agree_bit_for_bit(share: 
         r = fq.FusedQuantized(*route(x, book, mask, 0.25, 0.5))  # type: ignore[operator]
         task = 1.7 * r.loss + (r.out * upstream["out"].float()).sum()
         task = task + (r.z_q * upstream["z_q"].float()).sum() + (r.z * upstream["z"].float()).sum()
+        # Without a graph the backward calls the implementation, with one the operator.
+        plain = torch.autograd.grad(task, (x, book), retain_graph=True)
         grad_rows, grad_book = torch.autograd.grad(task, (x, book), create_graph=True)
         (second,) = torch.autograd.grad((grad_book**2).sum(), (book,))
-        return [*r, grad_rows.detach(), grad_book.detach(), second]
+        return [*r, *plain, grad_rows.detach(), grad_book.detach(), second]
 
     eager = run(lambda *a: fused_quantize(*a[:3], beta=a[3], nu=a[4]))
     assert fq.plain_eager(rows, codebook, mask)
+    assert all(torch.equal(a, b) for a, b in zip(eager[-5:-3], eager[-3:-1], strict=True))
     for other in (run(fq._fused_op), run(fq._FusedQuantize.apply)):
         for a, b in zip(eager, other, strict=True):
             same_nans = bool((a.isnan() == b.isnan()).all())

@@ -39,7 +39,11 @@ from torch import Tensor
 
 from vqfunc._kernels import policy as _policy
 from vqfunc._kernels import straight_through_cpu as _straight_through_cpu
-from vqfunc._kernels.transforms import traced_or_transformed, transformed_not_traced
+from vqfunc._kernels.transforms import (
+    plain_eager,
+    traced_or_transformed,
+    transformed_not_traced,
+)
 
 
 def _chunk_rows(z: Tensor) -> int:
@@ -101,8 +105,7 @@ def _(
     )
 
 
-@torch.library.custom_op("vqfunc::straight_through_backward", mutates_args=())
-def _backward_op(
+def _backward_impl(
     z: Tensor,
     codebook: Tensor,
     codes: Tensor,
@@ -132,6 +135,11 @@ def _backward_op(
             grad = grad.clone()
         results.append(grad)
     return results[0], results[1]
+
+
+_backward_op = torch.library.custom_op("vqfunc::straight_through_backward", mutates_args=())(
+    _backward_impl
+)
 
 
 @_backward_op.register_fake
@@ -224,6 +232,20 @@ def _setup_forward(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.set_materialize_grads(False)
 
 
+def backward_route(*tensors: Tensor | None) -> Any:
+    """What a backward formula calls for the straight-through backward of `tensors` (the
+    operator's arguments): the transform Function under a `torch.func` transform; the
+    implementation itself in a plain eager backward that builds no graph (no double backward
+    to record, so no dispatch to pay); the operator otherwise (where `torch.compile` traces
+    the backward, whose tracer does not take an autograd.Function nested in another's
+    backward, and where a double backward goes through its autograd formula)."""
+    if transformed_not_traced():
+        return _Backward.apply
+    if not torch.is_grad_enabled() and plain_eager(*(t for t in tensors if t is not None)):
+        return _backward_impl
+    return _backward_op
+
+
 def _forward_backward(
     ctx: Any, grad_out: Tensor | None, grad_z_q: Tensor | None, grad_loss: Tensor | None
 ) -> tuple[Any, ...]:
@@ -231,14 +253,9 @@ def _forward_backward(
     need_z, need_codebook = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
     if not (need_z or need_codebook):
         return None, None, None, None, None, None
-    # The operator itself where `torch.compile` traces this backward (its tracer does not take
-    # an autograd.Function nested in another's backward) and in plain eager calls (see
-    # vqfunc._kernels.transforms); the func-transform wrapper under a transform.
-    wrapped = transformed_not_traced()
-    backward = _Backward.apply if wrapped else _backward_op
-    grad_z, grad_codebook = backward(
-        *(z, codebook, codes, weights, grad_out, grad_z_q, grad_loss),
-        *(ctx.beta, ctx.nu, need_z, need_codebook),
+    tensors = (z, codebook, codes, weights, grad_out, grad_z_q, grad_loss)
+    grad_z, grad_codebook = backward_route(*tensors)(
+        *tensors, *(ctx.beta, ctx.nu, need_z, need_codebook)
     )
     return (
         grad_z if need_z else None,

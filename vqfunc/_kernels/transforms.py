@@ -31,8 +31,25 @@ def transformed_not_traced() -> bool:
     return not torch.compiler.is_compiling() and transforms_active()
 
 
+def modes_active() -> bool:
+    """Whether a `TorchDispatchMode` or `TorchFunctionMode` is active (a fake-tensor mode, a
+    flop counter, a debugging mode): they are there to see every operator (True when this torch
+    cannot say)."""
+    from torch.utils import _python_dispatch
+
+    current = getattr(_python_dispatch, "_get_current_dispatch_mode", None)
+    functions = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+    if current is None or functions is None:
+        return True
+    return current() is not None or bool(functions())
+
+
 def plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether a call on `tensors` may skip the registered operator: neither traced nor
-    transformed, and every tensor a plain `torch.Tensor` (not a fake or other subclass that
-    the operator's registrations exist for)."""
-    return not traced_or_transformed() and all(type(t) is torch.Tensor for t in tensors)
+    transformed, no dispatch or function mode active, and every tensor a plain `torch.Tensor`
+    (not a fake or other subclass that the operator's registrations exist for)."""
+    return (
+        not traced_or_transformed()
+        and all(type(t) is torch.Tensor for t in tensors)
+        and not modes_active()
+    )
