@@ -245,8 +245,8 @@ def fused_quantize(
     if mask is not None:
         mask = mask.detach().to(rows.dtype)
     args = (rows, codebook, mask, float(beta), float(nu))
-    # The Function for transforms and the tracer, the operator for tensor subclasses (fakes),
-    # the implementation in plain eager calls.
+    # The Function for transforms and the tracer, the operator for tensor subclasses (fakes)
+    # and under active modes, the implementation in plain eager calls.
     if traced_or_transformed():
         op = _FusedQuantize.apply
     elif plain_eager(rows, codebook, *(() if mask is None else (mask,))):

@@ -10,6 +10,7 @@ sites ask these two questions to take the direct route where they may.
 from __future__ import annotations
 
 import torch
+from torch.utils import _python_dispatch
 
 
 def transforms_active() -> bool:
@@ -35,8 +36,6 @@ def modes_active() -> bool:
     """Whether a `TorchDispatchMode` or `TorchFunctionMode` is active (a fake-tensor mode, a
     flop counter, a debugging mode): they are there to see every operator (True when this torch
     cannot say)."""
-    from torch.utils import _python_dispatch
-
     current = getattr(_python_dispatch, "_get_current_dispatch_mode", None)
     functions = getattr(torch._C, "_is_torch_function_mode_enabled", None)
     if current is None or functions is None:
