@@ -6,7 +6,9 @@ same policy for invalid rows (see `vqfunc._quantize`): the search on the raw row
 row gets some code in range, overwritten below), then one compiled pass over the rows
 (`vqfunc._kernels.fused_forward_cpu`) for the validity, `z`, the output, `z_q`, the commitment
 loss, the histogram and the invalid count, instead of some thirty torch operators (each its own
-pass, or its own parallel region).
+pass, or its own parallel region). With one group and one codebook (`[M, 1, d]` against
+`[K, d]`) the search kernel does that pass itself, block by block of rows while they are in
+cache, and the perplexity with it (`search_and_forward`): no second pass over the rows.
 
 It is the custom operator `vqfunc::fused_quantize` with a fake implementation (shapes for
 `torch.compile`), a vmap rule (one call per batch element) and an autograd formula whose
@@ -121,6 +123,12 @@ def _fused_impl(
     rows, codebook = rows.resolve_neg(), codebook.resolve_neg()
     mask = None if mask is None else mask.resolve_neg()
     if rows.shape[-1] > 0 and _fused_cpu.applies(rows, codebook, mask):
+        if _fused_cpu.one_pass_applies(rows, codebook):
+            r, ppl = _fused_cpu.search_and_forward(rows, codebook, mask)
+            return (
+                *(r.z, r.out, r.z_q, r.codes, r.distances, r.loss),
+                *(r.histogram, r.valid, r.num_invalid, ppl),
+            )
         codes, distances = _search(rows, codebook)
         r = _fused_cpu.forward(rows, codebook, codes, distances, mask)
     else:

@@ -47,6 +47,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -307,6 +308,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.vq_nearest_f32.argtypes = [
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
         *(ptr, ptr, ptr),  # center, codes, distances
+        *(i64, c_int, c_int),  # rows per slice, threads, ISA path
+    ]
+    lib.vq_quantize_f32.restype = c_int
+    lib.vq_quantize_f32.argtypes = [
+        *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
+        *(ptr, ptr, ptr, ptr),  # center, mask, codes, distances
+        *(ptr, ptr, ptr, ptr),  # z, out, z_q, valid
+        *(ptr, ptr, ptr, ptr),  # histogram, loss, invalid count, perplexity
         *(i64, c_int, c_int),  # rows per slice, threads, ISA path
     ]
     lib.vq_cluster_sums_f32.restype = c_int
@@ -605,22 +614,41 @@ def nearest_codes_f32(
     distances = torch.empty(n, dtype=torch.float32)
     if n == 0:
         return codes, distances
+    plan = search_plan(n, book)
+    status = lib.vq_nearest_f32(
+        *(x.data_ptr(), n, d, plan.panels.data_ptr(), plan.half_norms.data_ptr()),
+        *(plan.groups, k, book.data_ptr(), plan.center.data_ptr()),
+        *(codes.data_ptr(), distances.data_ptr(), plan.rows_per_slice, plan.threads, isa_code),
+    )
+    check_status(status)
+    return codes, distances
+
+
+class SearchPlan(NamedTuple):
+    """What a search of `n` rows against a contiguous float32 codebook `[K, d]` hands the
+    kernel: the codebook centred on its mean and packed, and the split of the rows."""
+
+    center: Tensor  # [d] the mean of the finite codes
+    panels: Tensor  # [P, d, 16] the centred codes, packed
+    half_norms: Tensor  # [P * 16]
+    groups: int  # groups of GROUP codes in the padded codebook
+    threads: int
+    rows_per_slice: int  # whole row blocks; the slices are handed out dynamically
+
+
+def search_plan(n: int, book: Tensor) -> SearchPlan:
+    """The `SearchPlan` of `n >= 1` rows against `book` `[K, d]` (contiguous float32, d >= 1)."""
+    d = book.shape[1]
     # Rows and codes are scored centred on the codes' mean (the kernel centres each row block).
     center = codebook_center_f32(book)
     panels, half_norms = pack_codebook(book, center)
     groups = half_norms.shape[0] // GROUP
-    work = n * groups * GROUP * max(d, 1)
+    work = n * groups * GROUP * d
     threads = max(1, min(max_threads(), work // _MIN_WORK_PER_THREAD))
     # Slices of whole row blocks, several per thread, handed out dynamically, so that a thread
     # the OS delays (a busy machine) leaves its share to the others instead of being waited for.
     rows_per_slice = _ROW_BLOCK * max(1, -(-n // (_ROW_BLOCK * _SLICES_PER_THREAD * threads)))
-    status = lib.vq_nearest_f32(
-        *(x.data_ptr(), n, d, panels.data_ptr(), half_norms.data_ptr(), groups, k),
-        *(book.data_ptr(), center.data_ptr()),
-        *(codes.data_ptr(), distances.data_ptr(), rows_per_slice, threads, isa_code),
-    )
-    check_status(status)
-    return codes, distances
+    return SearchPlan(center, panels, half_norms, groups, threads, rows_per_slice)
 
 
 def check_status(status: int) -> None:

@@ -105,3 +105,69 @@ def forward(
     )
     _cpu_kernel.check_status(status)
     return FusedRows(z, out, z_q, codes, distances, loss, histogram, valid, num_invalid)
+
+
+def one_pass_applies(rows: Tensor, codebook: Tensor) -> bool:
+    """Whether `search_and_forward` takes rows and a codebook that `applies` accepted: one
+    group (rows `[M, 1, d]`, M, d >= 1) against one codebook `[K, d]` (K >= 1)."""
+    return (
+        rows.dim() == 3
+        and rows.shape[0] > 0
+        and rows.shape[1] == 1
+        and rows.shape[2] > 0
+        and codebook.dim() == 2
+        and codebook.shape[0] > 0
+    )
+
+
+@torch.profiler.record_function("vqfunc.cpu_kernel.fused_forward")
+def search_and_forward(
+    rows: Tensor, codebook: Tensor, mask: Tensor | None
+) -> tuple[FusedRows, Tensor]:
+    """The search and the pass in one (`vq_quantize_f32`): each block of rows is written out
+    (validity, `z`, `out`, `z_q`, sums, counts) right after its codes are found, while it is
+    still in cache, instead of by a second pass over all rows. Rows `[M, 1, d]` against
+    `codebook` `[K, d]` (see `one_pass_applies`), optional row weights `mask [M]`; returns the
+    `FusedRows` (codes and distances `[M, 1]`, histogram `[1, K]`) and the perplexity `[]` of
+    the histogram. The search runs on the raw rows: a non-finite row gets code 0, distance NaN.
+    """
+    if rows.dim() != 3 or codebook.dim() != 2:
+        raise ValueError(
+            f"rows, codebook: expected shapes (M, 1, d) and (K, d), got {tuple(rows.shape)} "
+            f"and {tuple(codebook.shape)}"
+        )
+    m, d, k = rows.shape[0], rows.shape[2], codebook.shape[0]
+    _check("rows", rows, (m, 1, d), torch.float32)
+    _check("codebook", codebook, (k, d), torch.float32)
+    if mask is not None:
+        _check("mask", mask, (m,), torch.float32)
+    if m < 1 or k < 1 or d < 1:
+        raise ValueError(
+            f"rows, codebook: expected at least one row and one code of d >= 1, got "
+            f"{tuple(rows.shape)} and {tuple(codebook.shape)}"
+        )
+    lib = _cpu_kernel.library()
+    x = rows.resolve_neg().contiguous()
+    book = codebook.resolve_neg().contiguous()
+    mask = None if mask is None else mask.resolve_neg().contiguous()
+    plan = _cpu_kernel.search_plan(m, book)
+    z, out, z_q = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    codes = torch.empty(m, 1, dtype=torch.int64)
+    distances = torch.empty(m, 1, dtype=torch.float32)
+    valid = torch.empty(m, dtype=torch.bool)
+    histogram = torch.empty(1, k, dtype=torch.float32)
+    loss = torch.empty((), dtype=torch.float32)
+    num_invalid = torch.empty((), dtype=torch.int64)
+    perplexity = torch.empty((), dtype=torch.float32)
+    status = lib.vq_quantize_f32(
+        *(x.data_ptr(), m, d, plan.panels.data_ptr(), plan.half_norms.data_ptr()),
+        *(plan.groups, k, book.data_ptr(), plan.center.data_ptr()),
+        None if mask is None else mask.data_ptr(),
+        *(codes.data_ptr(), distances.data_ptr(), z.data_ptr(), out.data_ptr(), z_q.data_ptr()),
+        *(valid.data_ptr(), histogram.data_ptr(), loss.data_ptr(), num_invalid.data_ptr()),
+        perplexity.data_ptr(),
+        *(plan.rows_per_slice, plan.threads, _cpu_kernel.isa_number(_policy.cpu_isa())),
+    )
+    _cpu_kernel.check_status(status)
+    fused = FusedRows(z, out, z_q, codes, distances, loss, histogram, valid, num_invalid)
+    return fused, perplexity

@@ -2,7 +2,9 @@
  * row validity, the searched vectors z, the straight-through output and z_q (the selected
  * codes), the commitment-loss sum, the code histogram and the count of invalid rows. Called by
  * vqfunc/_kernels/fused_forward_cpu.py once the search (nearest.c) has run on the raw rows
- * (it gives a non-finite row some code in range, which this pass overwrites).
+ * (it gives a non-finite row some code in range, which this pass overwrites), for grouped
+ * rows; one group against one codebook takes vq_quantize_f32 (nearest.c), which does this
+ * pass inside the search, a row block at a time.
  *
  * Rows x [m, groups, d]: row i has groups sub-rows of d floats; its codes and distances are
  * codes[i * groups + g], distances[i * groups + g] (the search's, indices into the group's own

@@ -23,6 +23,10 @@
  * fit in L2, row tiles whose vectors stay in L1. The loops are written once, in
  * nearest_path.h, and instantiated per path with its vector width and tile shape.
  *
+ * vq_quantize_f32 runs the same search and, for each row block once its codes are known,
+ * quantize's forward on its rows while they are in cache (z, out, z_q, validity, the loss
+ * sums and the code counts, see vq_forward_outputs): one pass over the rows instead of two.
+ *
  * Built by vqfunc/_kernels/cpu.py (or the package build) with the system C compiler; no torch
  * headers.
  */
@@ -182,7 +186,8 @@ int vq_supported(void) { return 1; }
 #endif
 
 typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, const float *, const float *,
-                       int64_t, int64_t, const float *, const float *, int64_t *, float *);
+                       int64_t, int64_t, const float *, const float *, int64_t *, float *,
+                       const vq_forward_outputs *, int64_t);
 
 static rows_fn rows_for(int isa) {
     switch (isa) {
@@ -217,9 +222,79 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
         const int result = rows(x, begin, end, d, packed, half_norms, padded_groups, num_codes,
-                                codebook, center, codes, distances);
+                                codebook, center, codes, distances, NULL, 0);
         VQ_RECORD_FAILURE(status, result);
     }
+    return status;
+}
+
+/* vq_nearest_f32 and, in the same pass over each row block, quantize's forward on the rows x
+ * [n, d] as given (see vq_forward_outputs): z, out, z_q [n, d], valid [n] and codes [n] (0 for
+ * an invalid row, one with a non-finite entry; its distance NaN, z zeros, out = z_q = code 0),
+ * the weighted code counts hist [num_codes] of the valid rows (float32), *loss (their weighted
+ * sum of squared distances over d times the weight sum, at least 1: the commitment loss),
+ * *num_invalid and *perplexity (exp of the entropy of the counts; 1 when they are all zero).
+ * mask [n] holds optional row weights (NULL: 1). The sums are kept per slice of rows and added
+ * in slice order, so the results depend on the thread count (which sets the slices), never on
+ * which thread ran which slice. */
+int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
+                    const float *half_norms, int64_t padded_groups, int64_t num_codes,
+                    const float *codebook, const float *center, const float *mask,
+                    int64_t *codes, float *distances, float *z, float *out, float *z_q,
+                    uint8_t *valid, float *hist, float *loss, int64_t *num_invalid,
+                    float *perplexity, int64_t rows_per_slice, int threads, int isa) {
+    if (!vq_isa_supported(isa) || d < 1 || num_codes < 1 || rows_per_slice < 1)
+        return VQ_UNSUPPORTED;
+    if (threads < 1) return VQ_BAD_THREADS;
+    const rows_fn rows = rows_for(isa);
+    const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
+    const size_t per_slice = (size_t)(slices > 0 ? slices : 1);
+    double *counts = calloc(per_slice * (size_t)(num_codes + 2), sizeof(double));
+    int64_t *invalid = calloc(per_slice, sizeof(int64_t));
+    if (counts == NULL || invalid == NULL) {
+        free(counts);
+        free(invalid);
+        return VQ_NO_MEMORY;
+    }
+    const vq_forward_outputs fwd = {
+        .mask = mask, .z = z, .out = out, .z_q = z_q, .valid = valid,
+        .counts = counts, .loss = counts + per_slice * (size_t)num_codes,
+        .weight = counts + per_slice * (size_t)(num_codes + 1), .invalid = invalid,
+    };
+    int status = VQ_OK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t s = 0; s < slices; ++s) {
+        const int64_t begin = s * rows_per_slice;
+        const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
+        const int result = rows(x, begin, end, d, packed, half_norms, padded_groups, num_codes,
+                                codebook, center, codes, distances, &fwd, s);
+        VQ_RECORD_FAILURE(status, result);
+    }
+    if (status == VQ_OK) {
+        double total = 0.0, weight = 0.0, all = 0.0;
+        int64_t bad = 0;
+        for (int64_t s = 0; s < slices; ++s) {
+            total += fwd.loss[s];
+            weight += fwd.weight[s];
+            bad += invalid[s];
+        }
+        for (int64_t k = 0; k < num_codes; ++k) {
+            double count = 0.0;
+            for (int64_t s = 0; s < slices; ++s) count += counts[s * num_codes + k];
+            hist[k] = (float)count;
+            counts[k] = count; /* slice 0's row now holds the totals */
+            all += count;
+        }
+        double entropy = 0.0;
+        for (int64_t k = 0; k < num_codes && all > 0.0; ++k)
+            if (counts[k] > 0.0) entropy -= counts[k] / all * log(counts[k] / all);
+        const double count = weight * (double)d;
+        *loss = (float)(total / (count > 1.0 ? count : 1.0));
+        *num_invalid = bad;
+        *perplexity = (float)exp(entropy);
+    }
+    free(counts);
+    free(invalid);
     return status;
 }
 

@@ -140,17 +140,63 @@ INLINE void PATH(centre_row)(const float *x, const float *center, int64_t d, flo
     for (; j < d; ++j) out[j] = x[j] - center[j];
 }
 
-/* ||x - c|| over d floats, with LANES partial sums. */
-INLINE float PATH(distance)(const float *x, const float *c, int64_t d) {
-    VF acc = {0};
+/* ||x - c||^2 over d floats: LANES partial sums, then 4 for the next whole quarter-vectors
+ * (d = 8 on the 16-lane path), then the last entries one by one. With `copy` (a compile-time
+ * constant at every call), also z = x and out = z_q = c, and *finite = whether every entry of
+ * x is finite (x * 0 is NaN exactly for NaN and +-inf); the caller fixes an invalid row. One
+ * sequence of operations for both uses, so a search's distance and quantize's agree bit for
+ * bit. */
+typedef float PATH(v4u) __attribute__((vector_size(16), aligned(4), may_alias));
+INLINE float PATH(row_pass)(const float *x, const float *c, int64_t d, float *z, float *out,
+                            float *z_q, int *finite, const int copy) {
+    VF acc = {0}, probe = {0};
     int64_t j = 0;
     for (; j + LANES <= d; j += LANES) {
-        const VF diff = PATH(load)(x + j) - PATH(load)(c + j);
+        const VF xv = PATH(load)(x + j), cv = PATH(load)(c + j);
+        if (copy) {
+            PATH(store)(z + j, xv);
+            PATH(store)(out + j, cv);
+            PATH(store)(z_q + j, cv);
+            probe += xv * (VF){0};
+        }
+        const VF diff = xv - cv;
         acc += diff * diff;
     }
     float sq = PATH(all_sum)(acc)[0];
-    for (; j < d; ++j) sq += (x[j] - c[j]) * (x[j] - c[j]);
-    return sqrtf(sq);
+    PATH(v4u) acc4 = {0}, probe4 = {0};
+    for (; j + 4 <= d; j += 4) {
+        const PATH(v4u) xv = *(const PATH(v4u) *)(x + j), cv = *(const PATH(v4u) *)(c + j);
+        if (copy) {
+            *(PATH(v4u) *)(z + j) = xv;
+            *(PATH(v4u) *)(out + j) = cv;
+            *(PATH(v4u) *)(z_q + j) = cv;
+            probe4 += xv * (PATH(v4u)){0};
+        }
+        const PATH(v4u) diff = xv - cv;
+        acc4 += diff * diff;
+    }
+    sq += (acc4[0] + acc4[2]) + (acc4[1] + acc4[3]);
+    float tail = 0.0f;
+    for (; j < d; ++j) {
+        if (copy) {
+            z[j] = x[j];
+            out[j] = z_q[j] = c[j];
+            tail += x[j] * 0.0f;
+        }
+        sq += (x[j] - c[j]) * (x[j] - c[j]);
+    }
+    if (copy) {
+        /* NaN propagates through the sums: one compare says whether any lane saw one. */
+        const float any = PATH(all_sum)(probe)[0] +
+                          ((probe4[0] + probe4[1]) + (probe4[2] + probe4[3])) + tail;
+        *finite = any == any;
+    }
+    return sq;
+}
+
+/* ||x - c|| over d floats (see row_pass). */
+INLINE float PATH(distance)(const float *x, const float *c, int64_t d) {
+    return sqrtf(PATH(row_pass)(x, c, d, NULL, NULL, NULL, NULL, 0));
 }
 
 /* The minimum v of a row's lane minima, and the first group g holding it (the smallest group
@@ -272,13 +318,19 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
                    best_group + (t - r0), best_q + (t - r0), (D) > SMALL_RESCAN_D);       \
         break;
 
-/* Rows [row_begin, row_end) of x: see nearest_rows in nearest.c (the arguments are the same). */
+/* Rows [row_begin, row_end) of x: see vq_nearest_f32 in nearest.c (the arguments are the
+ * same). With `fwd` (not NULL), also quantize's forward of these rows, its sums and counts
+ * into entry `slice` of fwd's per-slice arrays (see vq_forward_outputs). */
 PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int64_t row_end,
                                           int64_t d, const float *packed,
                                           const float *half_norms, int64_t padded_groups,
                                           int64_t num_codes, const float *codebook,
                                           const float *center, int64_t *codes,
-                                          float *distances) {
+                                          float *distances, const vq_forward_outputs *fwd,
+                                          int64_t slice) {
+    double loss = 0.0, weight = 0.0;
+    int64_t invalid = 0;
+    double *counts = fwd ? fwd->counts + slice * num_codes : NULL;
     /* One heap buffer (nothing large on the thread stack): the centred rows of one block,
      * padded with its last row to whole tiles, then the lane minima of the block's rows (best,
      * best_group, best_q) and of one group (minima, minima_q). */
@@ -362,9 +414,40 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
                 k_best = PATH(tracked_code)(best[i], best_group[i], best_q[i], gp, g, v);
             /* No finite minimum (NaN inputs or overflow), or a padding code: code 0. */
             if (k_best < 0 || k_best >= num_codes) k_best = 0;
-            codes[r0 + i] = k_best;
-            distances[r0 + i] = PATH(distance)(x + (r0 + i) * d, codebook + k_best * d, d);
+            const int64_t r = r0 + i;
+            if (fwd == NULL) {
+                codes[r] = k_best;
+                distances[r] = PATH(distance)(x + r * d, codebook + k_best * d, d);
+                continue;
+            }
+            int finite;
+            float *z = fwd->z + r * d, *out = fwd->out + r * d, *z_q = fwd->z_q + r * d;
+            const float sq =
+                PATH(row_pass)(x + r * d, codebook + k_best * d, d, z, out, z_q, &finite, 1);
+            fwd->valid[r] = (uint8_t)finite;
+            if (finite) {
+                const float w = fwd->mask ? fwd->mask[r] : 1.0f;
+                codes[r] = k_best;
+                distances[r] = sqrtf(sq);
+                loss += (double)w * (double)sq;
+                weight += w;
+                counts[k_best] += w;
+            } else {
+                /* An invalid row: z = 0, code 0 (out = z_q = code 0), distance NaN. */
+                ++invalid;
+                codes[r] = 0;
+                distances[r] = NAN;
+                for (int64_t j = 0; j < d; ++j) {
+                    z[j] = 0.0f;
+                    out[j] = z_q[j] = codebook[j];
+                }
+            }
         }
+    }
+    if (fwd != NULL) {
+        fwd->loss[slice] = loss;
+        fwd->weight[slice] = weight;
+        fwd->invalid[slice] = invalid;
     }
     free(block);
     return VQ_OK;

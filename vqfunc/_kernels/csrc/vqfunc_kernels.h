@@ -64,6 +64,20 @@ static inline int vq_isa_supported(int isa) {
     return isa == VQ_ISA_PORTABLE;
 }
 
+/* What the search writes besides codes and distances when it also does quantize's forward
+ * (vq_quantize_f32 in nearest.c): for each row block, once its codes are known and while its
+ * rows are still in cache, the row's validity, z (the row, zeros where invalid), out and z_q
+ * (the selected code, code 0 where invalid) and, per slice of rows, the weighted squared
+ * distances, the weight sum, the invalid count and the weighted code counts. */
+typedef struct {
+    const float *mask;  /* [n] row weights, or NULL (all 1) */
+    float *z, *out, *z_q; /* [n, d] */
+    uint8_t *valid;     /* [n] */
+    double *counts;     /* [slices, num_codes] */
+    double *loss, *weight; /* [slices] */
+    int64_t *invalid;   /* [slices] */
+} vq_forward_outputs;
+
 /* Records a thread's failure in the shared status of a parallel loop. */
 #define VQ_RECORD_FAILURE(status, result)                                                  \
     do {                                                                                   \
