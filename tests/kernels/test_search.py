@@ -234,6 +234,31 @@ def test_codebook_packing_layout() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("k", "d", "padded"),
+    [(1, 4, 64), (64, 16, 64), (65, 16, 128), (70, 17, 128), (129, 32, 256), (70, 64, 128)],
+)
+def test_codebook_padding_holds_whole_groups_and_the_kernel_checks_it(
+    k: int, d: int, padded: int
+) -> None:
+    # Groups of 4 panels (64 codes), 8 panels for 16 < d < 64, where the group's bookkeeping
+    # is worth amortising over more codes.
+    codebook = torch.randn(k, d, generator=torch.Generator().manual_seed(k))
+    panels, half_norms = _cpu_kernel.pack_codebook(codebook)
+    assert panels.shape == (padded // 16, d, 16) and half_norms.shape == (padded,)
+    # A panel count that is not the padded codebook's is refused, not read past or short.
+    x = torch.randn(3, d)
+    codes, distances = torch.empty(3, dtype=torch.int64), torch.empty(3)
+    for count in (padded // 16 - 1, padded // 16 + 4):
+        status = _cpu_kernel.library().vq_nearest_f32(
+            *(x.data_ptr(), 3, d, panels.data_ptr(), half_norms.data_ptr(), count, k),
+            *(codebook.data_ptr(), torch.zeros(d).data_ptr(), codes.data_ptr()),
+            *(distances.data_ptr(), 240, 1, _cpu_kernel.isa_number("portable")),
+        )
+        assert status == -1, count
+
+
+@needs_kernel
 def test_compiled_center_is_the_float64_mean_of_the_finite_codes() -> None:
     g = torch.Generator().manual_seed(3)
     codebook = torch.randn(300, 7, generator=g) + 1000.0

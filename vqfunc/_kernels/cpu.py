@@ -69,9 +69,9 @@ _FLAGS = _build_spec.FLAGS
 _OPENMP_FLAGS = _build_spec.OPENMP_FLAGS
 # The ISA paths of the kernels, by their number in csrc/vqfunc_kernels.h (VQ_ISA_*).
 ISA_PATHS = ("portable", "avx2", "avx512")
-# Codes per panel and the padding of the codebook (whole groups of panels), as in the C source.
+# Codes per panel, as in the C source (the codebook is padded to whole groups of panels, whose
+# size depends on d: `vq_padded_codes`).
 PANEL = 16
-GROUP = 64
 # Below this many score evaluations per thread a second thread costs more than it saves.
 _MIN_WORK_PER_THREAD = 1 << 23
 # Rows of one row block of the C kernel, and slices of work per thread (see below).
@@ -302,17 +302,19 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.vq_fma_probe.argtypes = [c_int, i64, c_int, ptr, ptr]  # isa, rounds, threads, out
     lib.vq_center_f32.restype = c_int
     lib.vq_center_f32.argtypes = [ptr, i64, i64, ptr]  # codebook, K, d, center
+    lib.vq_padded_codes.restype = i64
+    lib.vq_padded_codes.argtypes = [i64, i64]  # K, d
     lib.vq_pack_f32.restype = None
     lib.vq_pack_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]  # ..., center, panels, norms
     lib.vq_nearest_f32.restype = c_int
     lib.vq_nearest_f32.argtypes = [
-        *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
+        *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, norms, panel count, K, book
         *(ptr, ptr, ptr),  # center, codes, distances
         *(i64, c_int, c_int),  # rows per slice, threads, ISA path
     ]
     lib.vq_quantize_f32.restype = c_int
     lib.vq_quantize_f32.argtypes = [
-        *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, half norms, groups, K, book
+        *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, norms, panel count, K, book
         *(ptr, ptr, ptr, ptr),  # center, mask, codes, distances
         *(ptr, ptr, ptr, ptr),  # z, out, z_q, valid
         *(ptr, ptr, ptr, ptr),  # histogram, loss, invalid count, perplexity
@@ -548,7 +550,8 @@ def _check_matrix(name: str, value: Tensor) -> None:
 
 def pack_codebook(codebook: Tensor, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`[K, d]` float32 (less `center` `[d]`, when given) -> (panels `[P, d, 16]`, half squared
-    norms `[P * 16]`), padded to groups.
+    norms `[P * 16]`), padded to whole groups of the search (a multiple of 64 codes, of 128 for
+    16 < d < 64: `vq_padded_codes` in the C source).
 
     Padding codes and codes with a non-finite entry have half norm `+inf` (and zero entries) so
     that they never win. Requires `available()`.
@@ -559,7 +562,7 @@ def pack_codebook(codebook: Tensor, center: Tensor | None = None) -> tuple[Tenso
     k, d = book.shape
     if center is not None and (center.shape != (d,) or center.dtype != torch.float32):
         raise ValueError(f"center: expected a float32 tensor of shape ({d},), got {center.shape}")
-    padded_k = -(-max(k, 1) // GROUP) * GROUP
+    padded_k = int(lib.vq_padded_codes(k, d))
     panels = torch.empty(padded_k // PANEL, d, PANEL, dtype=torch.float32)
     half_norms = torch.empty(padded_k, dtype=torch.float32)
     center_ptr = None if center is None else center.resolve_neg().contiguous().data_ptr()
@@ -617,7 +620,7 @@ def nearest_codes_f32(
     plan = search_plan(n, book)
     status = lib.vq_nearest_f32(
         *(x.data_ptr(), n, d, plan.panels.data_ptr(), plan.half_norms.data_ptr()),
-        *(plan.groups, k, book.data_ptr(), plan.center.data_ptr()),
+        *(plan.num_panels, k, book.data_ptr(), plan.center.data_ptr()),
         *(codes.data_ptr(), distances.data_ptr(), plan.rows_per_slice, plan.threads, isa_code),
     )
     check_status(status)
@@ -631,7 +634,7 @@ class SearchPlan(NamedTuple):
     center: Tensor  # [d] the mean of the finite codes
     panels: Tensor  # [P, d, 16] the centred codes, packed
     half_norms: Tensor  # [P * 16]
-    groups: int  # groups of GROUP codes in the padded codebook
+    num_panels: int  # panels of PANEL codes in the padded codebook
     threads: int
     rows_per_slice: int  # whole row blocks; the slices are handed out dynamically
 
@@ -642,13 +645,13 @@ def search_plan(n: int, book: Tensor) -> SearchPlan:
     # Rows and codes are scored centred on the codes' mean (the kernel centres each row block).
     center = codebook_center_f32(book)
     panels, half_norms = pack_codebook(book, center)
-    groups = half_norms.shape[0] // GROUP
-    work = n * groups * GROUP * d
+    work = n * half_norms.shape[0] * d
     threads = max(1, min(max_threads(), work // _MIN_WORK_PER_THREAD))
     # Slices of whole row blocks, several per thread, handed out dynamically, so that a thread
     # the OS delays (a busy machine) leaves its share to the others instead of being waited for.
     rows_per_slice = _ROW_BLOCK * max(1, -(-n // (_ROW_BLOCK * _SLICES_PER_THREAD * threads)))
-    return SearchPlan(center, panels, half_norms, groups, threads, rows_per_slice)
+    num_panels = half_norms.shape[0] // PANEL
+    return SearchPlan(center, panels, half_norms, num_panels, threads, rows_per_slice)
 
 
 def check_status(status: int) -> None:

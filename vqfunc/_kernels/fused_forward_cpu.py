@@ -161,7 +161,7 @@ def search_and_forward(
     perplexity = torch.empty((), dtype=torch.float32)
     status = lib.vq_quantize_f32(
         *(x.data_ptr(), m, d, plan.panels.data_ptr(), plan.half_norms.data_ptr()),
-        *(plan.groups, k, book.data_ptr(), plan.center.data_ptr()),
+        *(plan.num_panels, k, book.data_ptr(), plan.center.data_ptr()),
         None if mask is None else mask.data_ptr(),
         *(codes.data_ptr(), distances.data_ptr(), z.data_ptr(), out.data_ptr(), z_q.data_ptr()),
         *(valid.data_ptr(), histogram.data_ptr(), loss.data_ptr(), num_invalid.data_ptr()),

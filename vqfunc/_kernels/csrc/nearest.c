@@ -38,10 +38,11 @@
 
 #include "vqfunc_kernels.h"
 
-/* Codes are grouped in runs of gp panels (gp = 1, 2 or 4, by d, see vq_nearest_f32); the
- * codebook is padded to a multiple of PADDING codes. */
-#define MAX_GROUP_PANELS 4
-#define PADDING (PANEL * MAX_GROUP_PANELS)
+/* Codes are grouped in runs of gp panels (group_panels, by d); the codebook is padded to whole
+ * groups of every path (vq_padded_codes). */
+#define MAX_GROUP_PANELS 8
+/* The panels of the widest register tile (the AVX-512 path's). */
+#define WIDEST_TILE_PANELS 4
 #define ROW_BLOCK 240
 /* From this code dimension on, a panel is swept over all row tiles of a block (see
  * panel_tile); below it, a row tile is swept over all panels of a code block (tile). */
@@ -52,6 +53,30 @@
 #ifndef PANEL_MAJOR_D
 #define PANEL_MAJOR_D 128
 #endif
+
+/* Panels per group for code dimension d (a path whose register tile holds more panels takes
+ * a group of one tile): the per-group bookkeeping costs a few operations per row and lane,
+ * against gp 16 d FMAs of scoring. For d <= SMALL_RESCAN_D the final recomputation of one
+ * group per row costs gp 16 d FMAs too, so the group stays at 4 panels there; from d = 64 on
+ * the scoring dwarfs the bookkeeping and a short group keeps the padding small. */
+static int64_t group_panels(int64_t d) {
+    return d >= 128 ? 1 : d >= 64 ? 2 : d > SMALL_RESCAN_D ? MAX_GROUP_PANELS : 4;
+}
+
+/* The padded size of a codebook of k codes of dimension d: whole groups on every path (a
+ * multiple of 16 max(group_panels(d), WIDEST_TILE_PANELS) codes), at least one. */
+int64_t vq_padded_codes(int64_t k, int64_t d) {
+    int64_t gp = group_panels(d);
+    if (gp < WIDEST_TILE_PANELS) gp = WIDEST_TILE_PANELS;
+    const int64_t unit = PANEL * gp;
+    return (k > 0 ? (k + unit - 1) / unit : 1) * unit;
+}
+
+/* Whether `panels` panels hold a codebook of num_codes codes of dimension d as vq_pack_f32
+ * packs it (vq_padded_codes codes). */
+static int whole_groups(int64_t panels, int64_t num_codes, int64_t d) {
+    return d >= 1 && panels * PANEL == vq_padded_codes(num_codes, d);
+}
 
 /* The mean center [d] of the codes of codebook [k, d] whose entries are all finite (zeros when
  * none is), accumulated in double. Status VQ_OK, or VQ_NO_MEMORY. */
@@ -207,13 +232,16 @@ static rows_fn rows_for(int isa) {
  * no oversubscription). The packed codes are centred on `center` [d] (the codebook's mean) and
  * each row block is centred the same way before it is scored: distances are invariant to the
  * translation, and the scores h - x.c then do not cancel catastrophically when the data share
- * a large offset. Writes codes[0:n] and the Euclidean distances ||x - codebook[code]|| (of the uncentred vectors) to distances[0:n]. */
+ * a large offset. `packed` and `half_norms` are vq_pack_f32's, `panels` panels of 16 codes
+ * (vq_padded_codes(num_codes, d) / 16). Writes codes[0:n] and the Euclidean distances
+ * ||x - codebook[code]|| (of the uncentred vectors) to distances[0:n]. */
 int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
-                   const float *half_norms, int64_t padded_groups, int64_t num_codes,
+                   const float *half_norms, int64_t panels, int64_t num_codes,
                    const float *codebook, const float *center,
                    int64_t *codes, float *distances, int64_t rows_per_slice, int threads,
                    int isa) {
-    if (!vq_isa_supported(isa) || d < 1 || rows_per_slice < 1) return VQ_UNSUPPORTED;
+    if (!vq_isa_supported(isa) || !whole_groups(panels, num_codes, d) || rows_per_slice < 1)
+        return VQ_UNSUPPORTED;
     const rows_fn rows = rows_for(isa);
     const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
     int status = VQ_OK;
@@ -221,7 +249,7 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
     for (int64_t s = 0; s < slices; ++s) {
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
-        const int result = rows(x, begin, end, d, packed, half_norms, padded_groups, num_codes,
+        const int result = rows(x, begin, end, d, packed, half_norms, panels, num_codes,
                                 codebook, center, codes, distances, NULL, 0);
         VQ_RECORD_FAILURE(status, result);
     }
@@ -238,12 +266,13 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
  * in slice order, so the results depend on the thread count (which sets the slices), never on
  * which thread ran which slice. */
 int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
-                    const float *half_norms, int64_t padded_groups, int64_t num_codes,
+                    const float *half_norms, int64_t panels, int64_t num_codes,
                     const float *codebook, const float *center, const float *mask,
                     int64_t *codes, float *distances, float *z, float *out, float *z_q,
                     uint8_t *valid, float *hist, float *loss, int64_t *num_invalid,
                     float *perplexity, int64_t rows_per_slice, int threads, int isa) {
-    if (!vq_isa_supported(isa) || d < 1 || num_codes < 1 || rows_per_slice < 1)
+    if (!vq_isa_supported(isa) || !whole_groups(panels, num_codes, d) || num_codes < 1 ||
+        rows_per_slice < 1)
         return VQ_UNSUPPORTED;
     if (threads < 1) return VQ_BAD_THREADS;
     const rows_fn rows = rows_for(isa);
@@ -266,7 +295,7 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
     for (int64_t s = 0; s < slices; ++s) {
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
-        const int result = rows(x, begin, end, d, packed, half_norms, padded_groups, num_codes,
+        const int result = rows(x, begin, end, d, packed, half_norms, panels, num_codes,
                                 codebook, center, codes, distances, &fwd, s);
         VQ_RECORD_FAILURE(status, result);
     }

@@ -112,6 +112,8 @@ PATH_TARGET static int64_t PATH(rescan_group)(const float *x, int64_t d, const f
             return PATH(rescan_panels)(x, d, packed, half_norms, 1, g, target);
         case 2:
             return PATH(rescan_panels)(x, d, packed, half_norms, 2, g, target);
+        case 4:
+            return PATH(rescan_panels)(x, d, packed, half_norms, 4, g, target);
         default:
             return PATH(rescan_panels)(x, d, packed, half_norms, MAX_GROUP_PANELS, g, target);
     }
@@ -323,7 +325,7 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
  * into entry `slice` of fwd's per-slice arrays (see vq_forward_outputs). */
 PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int64_t row_end,
                                           int64_t d, const float *packed,
-                                          const float *half_norms, int64_t padded_groups,
+                                          const float *half_norms, int64_t panels,
                                           int64_t num_codes, const float *codebook,
                                           const float *center, int64_t *codes,
                                           float *distances, const vq_forward_outputs *fwd,
@@ -345,12 +347,11 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
     float (*minima)[LANES] = (float (*)[LANES])(lane_rows + 3 * ROW_BLOCK * LANES);
     int32_t (*minima_q)[LANES] =
         (int32_t (*)[LANES])(lane_rows + (4 * ROW_BLOCK + TILE_ROWS) * LANES);
-    /* Panels per group: the final recomputation of one group per row costs gp 16 d FMAs, the
-     * per-group bookkeeping a few operations per row; gp = 128 / d balances them. A group holds
-     * whole register tiles. */
-    int64_t gp = d >= 128 ? 1 : d >= 64 ? 2 : MAX_GROUP_PANELS;
+    /* Panels per group (see group_panels); a group holds whole register tiles. The packed
+     * codebook holds whole groups (vq_padded_codes). */
+    int64_t gp = group_panels(d);
     if (gp < TILE_PANELS) gp = TILE_PANELS;
-    const int64_t groups = padded_groups * (MAX_GROUP_PANELS / gp);
+    const int64_t groups = panels / gp;
     /* A code block of about 192 KiB stays in L2 while a row block sweeps it. */
     int64_t block_groups = (192 * 1024) / (gp * PANEL * d * (int64_t)sizeof(float));
     if (block_groups < 1) block_groups = 1;
