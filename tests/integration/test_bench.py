@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -159,3 +160,26 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     # reused one none; the heap may still grow once or twice around other allocations.
     assert counts["system"] > 8 * 1000
     assert counts["retain"] <= counts["system"] / 4
+
+
+def test_a_timed_call_runs_with_the_garbage_collector_paused() -> None:
+    from vqfunc.bench._timing import _once
+
+    seen: list[bool] = []
+
+    def fn() -> None:
+        seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    assert _once(fn, torch.device("cpu")) >= 0.0
+    assert seen == [False] and gc.isenabled()
+    # An error inside the call still turns the collector back on; one paused before stays so.
+    with pytest.raises(ZeroDivisionError):
+        _once(lambda: 1 / 0, torch.device("cpu"))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        _once(fn, torch.device("cpu"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

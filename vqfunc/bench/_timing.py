@@ -69,11 +69,20 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, repeats: int, size: int 
 
 
 def _once(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
+    """Seconds of one call of `fn`, with Python's garbage collector paused, as `timeit` does: a
+    collection that the call's allocations happen to trigger walks every object of the process
+    (a few ms with torch loaded) and would be charged to whichever method was running."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
