@@ -236,13 +236,16 @@ def test_codebook_packing_layout() -> None:
 @needs_kernel
 @pytest.mark.parametrize(
     ("k", "d", "padded"),
-    [(1, 4, 64), (64, 16, 64), (65, 16, 128), (70, 17, 128), (129, 32, 256), (70, 64, 128)],
+    [
+        *((1, 4, 64), (64, 16, 64), (65, 16, 128), (4095, 8, 4096), (4097, 8, 4224)),
+        *((70, 17, 128), (129, 32, 256), (70, 64, 128), (70, 128, 128)),
+    ],
 )
 def test_codebook_padding_holds_whole_groups_and_the_kernel_checks_it(
     k: int, d: int, padded: int
 ) -> None:
-    # Groups of 4 panels (64 codes), 8 panels for 16 < d < 64, where the group's bookkeeping
-    # is worth amortising over more codes.
+    # Groups of 4 panels (64 codes); 8 panels for 16 < d < 64, and for d <= 16 from 4096 codes
+    # on, where the group's bookkeeping is worth amortising over more codes.
     codebook = torch.randn(k, d, generator=torch.Generator().manual_seed(k))
     panels, half_norms = _cpu_kernel.pack_codebook(codebook)
     assert panels.shape == (padded // 16, d, 16) and half_norms.shape == (padded,)

@@ -551,7 +551,7 @@ def _check_matrix(name: str, value: Tensor) -> None:
 def pack_codebook(codebook: Tensor, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`[K, d]` float32 (less `center` `[d]`, when given) -> (panels `[P, d, 16]`, half squared
     norms `[P * 16]`), padded to whole groups of the search (a multiple of 64 codes, of 128 for
-    16 < d < 64: `vq_padded_codes` in the C source).
+    16 < d < 64 and for d <= 16 from K = 4096 on: `vq_padded_codes` in the C source).
 
     Padding codes and codes with a non-finite entry have half norm `+inf` (and zero entries) so
     that they never win. Requires `available()`.

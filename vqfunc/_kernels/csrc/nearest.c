@@ -47,26 +47,30 @@
 /* From this code dimension on, a panel is swept over all row tiles of a block (see
  * panel_tile); below it, a row tile is swept over all panels of a code block (tile). */
 /* Up to this code dimension the final recomputation scores a row's whole group with vectors
- * (rescan_group: at most 4 KiB of panels); above it, only the few candidates on the lanes that
+ * (rescan_group: at most 8 KiB of panels); above it, only the few candidates on the lanes that
  * hold the row's minimum (first_code), which reads a few code rows instead of the panels. */
 #define SMALL_RESCAN_D 16
 #ifndef PANEL_MAJOR_D
 #define PANEL_MAJOR_D 128
 #endif
 
-/* Panels per group for code dimension d (a path whose register tile holds more panels takes
- * a group of one tile): the per-group bookkeeping costs a few operations per row and lane,
- * against gp 16 d FMAs of scoring. For d <= SMALL_RESCAN_D the final recomputation of one
- * group per row costs gp 16 d FMAs too, so the group stays at 4 panels there; from d = 64 on
- * the scoring dwarfs the bookkeeping and a short group keeps the padding small. */
-static int64_t group_panels(int64_t d) {
-    return d >= 128 ? 1 : d >= 64 ? 2 : d > SMALL_RESCAN_D ? MAX_GROUP_PANELS : 4;
+/* Panels per group for k codes of dimension d (a path whose register tile holds more panels
+ * takes a group of one tile): the per-group bookkeeping costs a few operations per row and
+ * lane, against gp 16 d FMAs of scoring. For d <= SMALL_RESCAN_D the final recomputation of
+ * one group per row costs gp 16 d FMAs too, against k d of the whole search: 4 panels below
+ * SMALL_RESCAN_K codes, 8 from there on (d = 8, K = 8192: 4-5 % faster; at K = 2048, 8 panels
+ * cost more in the recomputation than they save). From d = 64 on the scoring dwarfs
+ * the bookkeeping and a short group keeps the padding small. */
+#define SMALL_RESCAN_K 4096
+static int64_t group_panels(int64_t d, int64_t k) {
+    if (d <= SMALL_RESCAN_D) return k >= SMALL_RESCAN_K ? 8 : 4;
+    return d >= 128 ? 1 : d >= 64 ? 2 : 8;
 }
 
 /* The padded size of a codebook of k codes of dimension d: whole groups on every path (a
- * multiple of 16 max(group_panels(d), WIDEST_TILE_PANELS) codes), at least one. */
+ * multiple of 16 max(group_panels(d, k), WIDEST_TILE_PANELS) codes), at least one. */
 int64_t vq_padded_codes(int64_t k, int64_t d) {
-    int64_t gp = group_panels(d);
+    int64_t gp = group_panels(d, k);
     if (gp < WIDEST_TILE_PANELS) gp = WIDEST_TILE_PANELS;
     const int64_t unit = PANEL * gp;
     return (k > 0 ? (k + unit - 1) / unit : 1) * unit;

@@ -349,7 +349,7 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
         (int32_t (*)[LANES])(lane_rows + (4 * ROW_BLOCK + TILE_ROWS) * LANES);
     /* Panels per group (see group_panels); a group holds whole register tiles. The packed
      * codebook holds whole groups (vq_padded_codes). */
-    int64_t gp = group_panels(d);
+    int64_t gp = group_panels(d, num_codes);
     if (gp < TILE_PANELS) gp = TILE_PANELS;
     const int64_t groups = panels / gp;
     /* A code block of about 192 KiB stays in L2 while a row block sweeps it. */
