@@ -4,7 +4,7 @@ against the two passes it replaces, on every ISA path this CPU runs: the search
 distances, validity, `z`, `out` and `z_q` agree bit for bit; the loss, the histogram and the
 perplexity (summed per slice instead of per thread) to rounding. Dimensions reach the full
 vectors, the quarter-vector and the scalar tails, and the large-d panel sweep; several row
-blocks and slices, two threads, non-finite rows and row weights."""
+blocks and slices, two threads, non-finite rows, row weights and non-temporal stores."""
 
 from __future__ import annotations
 
@@ -64,8 +64,12 @@ def _assert_same(got: _fused_cpu.FusedRows, want: _fused_cpu.FusedRows) -> None:
 
 
 @pytest.mark.parametrize("d", [1, 3, 8, 12, 16, 20, 32, 33, 64, 130])
-@pytest.mark.parametrize("mask", ["none", "float"])
-def test_one_pass_equals_the_search_then_the_pass(isa: str, d: int, mask: str) -> None:
+@pytest.mark.parametrize(("mask", "stream"), [("none", False), ("float", False), ("float", True)])
+def test_one_pass_equals_the_search_then_the_pass(
+    isa: str, d: int, mask: str, stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With `stream`, non-temporal stores wherever d is whole vectors of the path (16, 32, 64).
+    monkeypatch.setattr(_fused_cpu, "_STREAM_BYTES", 0 if stream else 1 << 62)
     rows, codebook, weights = _case(601, d, 70, mask, seed=d)
     with vqfunc.kernels.use(cpu="require", cpu_isa=isa):
         got, ppl = _fused_cpu.search_and_forward(rows, codebook, weights)

@@ -317,7 +317,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(ptr, i64, i64, ptr, ptr, i64, i64, ptr),  # x, n, d, panels, norms, panel count, K, book
         *(ptr, ptr, ptr, ptr),  # center, mask, codes, distances
         *(ptr, ptr, ptr, ptr),  # z, out, z_q, valid
-        *(ptr, ptr, ptr, ptr),  # histogram, loss, invalid count, perplexity
+        *(ptr, ptr, ptr, ptr, c_int),  # histogram, loss, invalid count, perplexity, streaming
         *(i64, c_int, c_int),  # rows per slice, threads, ISA path
     ]
     lib.vq_cluster_sums_f32.restype = c_int

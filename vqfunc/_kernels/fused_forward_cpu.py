@@ -166,6 +166,7 @@ def search_and_forward(
         *(codes.data_ptr(), distances.data_ptr(), z.data_ptr(), out.data_ptr(), z_q.data_ptr()),
         *(valid.data_ptr(), histogram.data_ptr(), loss.data_ptr(), num_invalid.data_ptr()),
         perplexity.data_ptr(),
+        3 * x.numel() * x.element_size() >= _STREAM_BYTES,
         *(plan.rows_per_slice, plan.threads, _cpu_kernel.isa_number(_policy.cpu_isa())),
     )
     _cpu_kernel.check_status(status)

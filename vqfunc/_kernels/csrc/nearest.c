@@ -155,6 +155,9 @@ int vq_supported(void) { return 1; }
  * baseline, one fused step on aarch64), the same in the tile loop and the recomputation. */
 #define V_STEP(a, x, b) ((a) - (x) * (b))
 #define V_TRACK(w, a, m, i) PATH(selecti)((a) < (m), (i), (w))
+#define V_STREAMS 0
+#define V_STREAM(p, v) PATH(store)((p), (v))
+#define V_STREAM_FENCE() ((void)0)
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -165,6 +168,9 @@ int vq_supported(void) { return 1; }
 #undef V_MIN
 #undef V_STEP
 #undef V_TRACK
+#undef V_STREAMS
+#undef V_STREAM
+#undef V_STREAM_FENCE
 
 #ifdef VQ_X86
 /* AVX2 + FMA: 16 ymm registers, a tile of 6 rows x 16 codes. */
@@ -178,6 +184,9 @@ int vq_supported(void) { return 1; }
 #define V_STEP(a, x, b) ((PATH(vf))_mm256_fnmadd_ps(_mm256_set1_ps(x), (b), (a)))
 #define V_TRACK(w, a, m, i)                                                               \
     ((PATH(vi))_mm256_blendv_ps((__m256)(w), (__m256)(i), _mm256_cmp_ps((a), (m), _CMP_LT_OQ)))
+#define V_STREAMS 1
+#define V_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define V_STREAM_FENCE() _mm_sfence()
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -188,6 +197,9 @@ int vq_supported(void) { return 1; }
 #undef V_MIN
 #undef V_STEP
 #undef V_TRACK
+#undef V_STREAMS
+#undef V_STREAM
+#undef V_STREAM_FENCE
 
 /* AVX-512: 32 zmm registers, a tile of 6 rows x 64 codes (24 accumulators, 4 code vectors,
  * the row values broadcast from memory by the FMAs themselves). */
@@ -202,6 +214,9 @@ int vq_supported(void) { return 1; }
 #define V_TRACK(w, a, m, i)                                                               \
     ((PATH(vi))_mm512_mask_mov_epi32((__m512i)(w), _mm512_cmp_ps_mask((a), (m), _CMP_LT_OQ), \
                                      (__m512i)(i)))
+#define V_STREAMS 1
+#define V_STREAM(p, v) _mm512_stream_ps((p), (__m512)(v))
+#define V_STREAM_FENCE() _mm_sfence()
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -212,6 +227,9 @@ int vq_supported(void) { return 1; }
 #undef V_MIN
 #undef V_STEP
 #undef V_TRACK
+#undef V_STREAMS
+#undef V_STREAM
+#undef V_STREAM_FENCE
 #endif
 
 typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, const float *, const float *,
@@ -266,7 +284,9 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
  * the weighted code counts hist [num_codes] of the valid rows (float32), *loss (their weighted
  * sum of squared distances over d times the weight sum, at least 1: the commitment loss),
  * *num_invalid and *perplexity (exp of the entropy of the counts; 1 when they are all zero).
- * mask [n] holds optional row weights (NULL: 1). The sums are kept per slice of rows and added
+ * mask [n] holds optional row weights (NULL: 1). With `stream`, z, out and z_q are written
+ * with non-temporal stores where they are vector-aligned (for outputs larger than the caches,
+ * which such stores do not first read). The sums are kept per slice of rows and added
  * in slice order, so the results depend on the thread count (which sets the slices), never on
  * which thread ran which slice. */
 int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
@@ -274,7 +294,8 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
                     const float *codebook, const float *center, const float *mask,
                     int64_t *codes, float *distances, float *z, float *out, float *z_q,
                     uint8_t *valid, float *hist, float *loss, int64_t *num_invalid,
-                    float *perplexity, int64_t rows_per_slice, int threads, int isa) {
+                    float *perplexity, int stream, int64_t rows_per_slice, int threads,
+                    int isa) {
     if (!vq_isa_supported(isa) || !whole_groups(panels, num_codes, d) || num_codes < 1 ||
         rows_per_slice < 1)
         return VQ_UNSUPPORTED;
@@ -293,6 +314,7 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
         .mask = mask, .z = z, .out = out, .z_q = z_q, .valid = valid,
         .counts = counts, .loss = counts + per_slice * (size_t)num_codes,
         .weight = counts + per_slice * (size_t)(num_codes + 1), .invalid = invalid,
+        .stream = stream,
     };
     int status = VQ_OK;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)

@@ -13,6 +13,9 @@
  *                  multiply-subtract where the path has FMA
  *   V_TRACK(w, a, m, i)  the int vector i in the lanes where a < m (ordered), w elsewhere: a
  *                  compare and a blend
+ *   V_STREAMS      1 where the path has non-temporal stores, else 0
+ *   V_STREAM(p, v) a non-temporal store of v at the vector-aligned p (a plain store without)
+ *   V_STREAM_FENCE()  orders the non-temporal stores before later stores
  *
  * A register tile holds TILE_ROWS x TILE_PANELS x (PANEL / LANES) accumulators; the scores are
  * s(x, k) = h_k - x . c_k, each one accumulated by the same sequence of steps (V_STEP in the
@@ -149,18 +152,24 @@ INLINE void PATH(centre_row)(const float *x, const float *center, int64_t d, flo
  * sequence of operations for both uses, so a search's distance and quantize's agree bit for
  * bit. */
 typedef float PATH(v4u) __attribute__((vector_size(16), aligned(4), may_alias));
+/* With `stream` (compile-time too; only where z, out and z_q are vector-aligned and d is whole
+ * vectors) the copies go out with non-temporal stores, which do not read the lines they fill. */
 INLINE float PATH(row_pass)(const float *x, const float *c, int64_t d, float *z, float *out,
-                            float *z_q, int *finite, const int copy) {
+                            float *z_q, int *finite, const int copy, const int stream) {
     VF acc = {0}, probe = {0};
     int64_t j = 0;
     for (; j + LANES <= d; j += LANES) {
         const VF xv = PATH(load)(x + j), cv = PATH(load)(c + j);
-        if (copy) {
+        if (copy && stream) {
+            V_STREAM(z + j, xv);
+            V_STREAM(out + j, cv);
+            V_STREAM(z_q + j, cv);
+        } else if (copy) {
             PATH(store)(z + j, xv);
             PATH(store)(out + j, cv);
             PATH(store)(z_q + j, cv);
-            probe += xv * (VF){0};
         }
+        if (copy) probe += xv * (VF){0};
         const VF diff = xv - cv;
         acc += diff * diff;
     }
@@ -198,7 +207,7 @@ INLINE float PATH(row_pass)(const float *x, const float *c, int64_t d, float *z,
 
 /* ||x - c|| over d floats (see row_pass). */
 INLINE float PATH(distance)(const float *x, const float *c, int64_t d) {
-    return sqrtf(PATH(row_pass)(x, c, d, NULL, NULL, NULL, NULL, 0));
+    return sqrtf(PATH(row_pass)(x, c, d, NULL, NULL, NULL, NULL, 0, 0));
 }
 
 /* The minimum v of a row's lane minima, and the first group g holding it (the smallest group
@@ -333,6 +342,10 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
     double loss = 0.0, weight = 0.0;
     int64_t invalid = 0;
     double *counts = fwd ? fwd->counts + slice * num_codes : NULL;
+    const uintptr_t vector_bytes = 4 * LANES;
+    const int stream = V_STREAMS && fwd != NULL && fwd->stream && d % LANES == 0 &&
+                       (((uintptr_t)fwd->z | (uintptr_t)fwd->out | (uintptr_t)fwd->z_q) &
+                        (vector_bytes - 1)) == 0;
     /* One heap buffer (nothing large on the thread stack): the centred rows of one block,
      * padded with its last row to whole tiles, then the lane minima of the block's rows (best,
      * best_group, best_q) and of one group (minima, minima_q). */
@@ -428,8 +441,9 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             }
             int finite;
             float *z = fwd->z + r * d, *out = fwd->out + r * d, *z_q = fwd->z_q + r * d;
-            const float sq =
-                PATH(row_pass)(x + r * d, codebook + k_best * d, d, z, out, z_q, &finite, 1);
+            const float *c = codebook + k_best * d;
+            const float sq = stream ? PATH(row_pass)(x + r * d, c, d, z, out, z_q, &finite, 1, 1)
+                                    : PATH(row_pass)(x + r * d, c, d, z, out, z_q, &finite, 1, 0);
             fwd->valid[r] = (uint8_t)finite;
             if (finite) {
                 const float w = fwd->mask ? fwd->mask[r] : 1.0f;
@@ -450,6 +464,7 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             }
         }
     }
+    if (stream) V_STREAM_FENCE(); /* the non-temporal stores, ordered before what follows */
     if (fwd != NULL) {
         fwd->loss[slice] = loss;
         fwd->weight[slice] = weight;

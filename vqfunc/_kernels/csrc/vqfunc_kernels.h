@@ -76,6 +76,7 @@ typedef struct {
     double *counts;     /* [slices, num_codes] */
     double *loss, *weight; /* [slices] */
     int64_t *invalid;   /* [slices] */
+    int stream;         /* write z, out, z_q with non-temporal stores where they are aligned */
 } vq_forward_outputs;
 
 /* Records a thread's failure in the shared status of a parallel loop. */
