@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from support.profiling import kernel_calls
+from support.weights import row_weights
 
 import vqfunc
 from vqfunc._fused_quantize import fused_quantize
@@ -87,12 +88,7 @@ def _case(
         rows[6] = -math.inf
     shape = (k, d) if share else (groups, k, d)
     codebook = torch.randn(*shape, generator=g)
-    weights = None
-    if mask == "bool":
-        weights = (torch.rand(m, generator=g) > 0.3).float()
-    elif mask == "float":
-        weights = torch.rand(m, generator=g)
-    return rows, codebook, weights
+    return rows, codebook, row_weights(m, mask, g)
 
 
 def _run(

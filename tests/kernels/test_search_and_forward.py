@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from support.weights import row_weights
 
 import vqfunc
 from vqfunc._kernels import cpu as _cpu_kernel
@@ -40,12 +41,7 @@ def _case(
     rows[5, 0, d - 1] = math.inf
     rows[m - 1] = -math.inf
     codebook = torch.randn(k, d, generator=g) + 3.0
-    weights = None
-    if mask == "bool":
-        weights = (torch.rand(m, generator=g) > 0.3).float()
-    elif mask == "float":
-        weights = torch.rand(m, generator=g)
-    return rows, codebook, weights
+    return rows, codebook, row_weights(m, mask, g)
 
 
 def _two_passes(

@@ -249,6 +249,27 @@ static rows_fn rows_for(int isa) {
     }
 }
 
+/* The rows of x in slices of rows_per_slice rows, handed out dynamically to `threads` OpenMP
+ * threads, each slice searched (and, with fwd, quantized) by `rows`: slice s is rows
+ * [s rows_per_slice, (s + 1) rows_per_slice) and fills entry s of fwd's per-slice sums. */
+static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, const float *packed,
+                         const float *half_norms, int64_t panels, int64_t num_codes,
+                         const float *codebook, const float *center, int64_t *codes,
+                         float *distances, const vq_forward_outputs *fwd,
+                         int64_t rows_per_slice, int threads) {
+    const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
+    int status = VQ_OK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t s = 0; s < slices; ++s) {
+        const int64_t begin = s * rows_per_slice;
+        const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
+        const int result = rows(x, begin, end, d, packed, half_norms, panels, num_codes,
+                                codebook, center, codes, distances, fwd, s);
+        VQ_RECORD_FAILURE(status, result);
+    }
+    return status;
+}
+
 /* All n rows of x on the path `isa` (VQ_ISA_*), in slices of rows_per_slice rows handed out
  * dynamically to `threads` OpenMP threads (the runtime torch uses, when it is loaded: one pool,
  * no oversubscription). The packed codes are centred on `center` [d] (the codebook's mean) and
@@ -264,18 +285,8 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
                    int isa) {
     if (!vq_isa_supported(isa) || !whole_groups(panels, num_codes, d) || rows_per_slice < 1)
         return VQ_UNSUPPORTED;
-    const rows_fn rows = rows_for(isa);
-    const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
-    int status = VQ_OK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t s = 0; s < slices; ++s) {
-        const int64_t begin = s * rows_per_slice;
-        const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
-        const int result = rows(x, begin, end, d, packed, half_norms, panels, num_codes,
-                                codebook, center, codes, distances, NULL, 0);
-        VQ_RECORD_FAILURE(status, result);
-    }
-    return status;
+    return search_slices(rows_for(isa), x, n, d, packed, half_norms, panels, num_codes, codebook,
+                         center, codes, distances, NULL, rows_per_slice, threads);
 }
 
 /* vq_nearest_f32 and, in the same pass over each row block, quantize's forward on the rows x
@@ -316,15 +327,9 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
         .weight = counts + per_slice * (size_t)(num_codes + 1), .invalid = invalid,
         .stream = stream,
     };
-    int status = VQ_OK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t s = 0; s < slices; ++s) {
-        const int64_t begin = s * rows_per_slice;
-        const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
-        const int result = rows(x, begin, end, d, packed, half_norms, panels, num_codes,
-                                codebook, center, codes, distances, &fwd, s);
-        VQ_RECORD_FAILURE(status, result);
-    }
+    const int status = search_slices(rows, x, n, d, packed, half_norms, panels, num_codes,
+                                     codebook, center, codes, distances, &fwd, rows_per_slice,
+                                     threads);
     if (status == VQ_OK) {
         double total = 0.0, weight = 0.0, all = 0.0;
         int64_t bad = 0;
