@@ -261,6 +261,26 @@ def test_codebook_padding_holds_whole_groups_and_the_kernel_checks_it(
         assert status == -1, count
 
 
+@pytest.mark.parametrize("n", [1, 17, 5000, 65536, 65537, 262144])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_search_plan_splits_the_rows_into_equal_aligned_slices(
+    n: int, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every thread gets its share of equal slices: no short last slice to leave one thread
+    # idle while the other finishes, and every slice starts on a cache line of the outputs.
+    monkeypatch.setattr(_cpu_kernel, "_MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_cpu_kernel, "max_threads", lambda: threads)
+    plan = _cpu_kernel.search_plan(n, torch.randn(8, 4))
+    per_slice, slices = plan.rows_per_slice, -(-n // plan.rows_per_slice)
+    assert plan.threads == threads and per_slice % 16 == 0
+    assert slices <= 8 * threads
+    # Split further, a slice would not be whole cache lines; a large batch fills every slice
+    # to within a line of rows.
+    assert per_slice == 16 or (per_slice - 16) * 8 * threads < n
+    if n >= 65536:
+        assert slices == 8 * threads and n - (slices - 1) * per_slice > per_slice - 16 * slices
+
+
 @needs_kernel
 def test_compiled_center_is_the_float64_mean_of_the_finite_codes() -> None:
     g = torch.Generator().manual_seed(3)
