@@ -365,8 +365,8 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
     int64_t gp = group_panels(d, num_codes);
     if (gp < TILE_PANELS) gp = TILE_PANELS;
     const int64_t groups = panels / gp;
-    /* A code block of about 192 KiB stays in L2 while a row block sweeps it. */
-    int64_t block_groups = (192 * 1024) / (gp * PANEL * d * (int64_t)sizeof(float));
+    /* A code block of about CODE_BLOCK_BYTES stays in L1 while a row tile sweeps it. */
+    int64_t block_groups = CODE_BLOCK_BYTES / (gp * PANEL * d * (int64_t)sizeof(float));
     if (block_groups < 1) block_groups = 1;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += ROW_BLOCK) {
         const int64_t r1 = r0 + ROW_BLOCK < row_end ? r0 + ROW_BLOCK : row_end;
