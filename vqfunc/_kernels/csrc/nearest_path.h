@@ -122,18 +122,20 @@ PATH_TARGET static int64_t PATH(rescan_group)(const float *x, int64_t d, const f
     }
 }
 
-/* The first code reaching v, the row's minimum, first reached in group g (of gp panels), from
- * the row's lane minima: lane l of the row's minima covers the codes
- * c = g' gp PANEL + q LANES + l (q < gp VPP) of every group g', and best_q[l] is the q of the
- * first code of best_group[l] that reached best[l] (tracked by the tile loop). Among the lanes
- * holding v first reached in g, the smallest such code. Nothing is recomputed. */
+/* The first code reaching the row's minimum, from the row's lane minima (d > SMALL_RESCAN_D,
+ * where the tile loop tracks them): lane l of the minima covers the codes
+ * c = g gp PANEL + q LANES + l (q < gp VPP) of every group g, and best_group[l], best_q[l] name
+ * the first code of lane l reaching best[l]. Codes grow with the group, so the first code
+ * reaching the minimum is the smallest of those named by the lanes that hold it: one
+ * reduction for the minimum and one for the code, nothing recomputed. Lane minima are never
+ * NaN (all +inf where every score was NaN: code 0 then). */
 INLINE int64_t PATH(tracked_code)(const float *best, const int32_t *best_group,
-                                  const int32_t *best_q, int64_t gp, int32_t g, float v) {
-    const VI holds = (PATH(load)(best) == PATH(splat)(v)) & (PATH(loadi)(best_group) == g);
-    const VI code = (int32_t)((int64_t)g * gp * PANEL) + PATH(loadi)(best_q) * LANES + PATH(iota)();
-    const VI none = INT32_MAX + (VI){0};
-    const int32_t first = PATH(all_imin)(PATH(selecti)(holds, code, none))[0];
-    return first == INT32_MAX ? -1 : first;
+                                  const int32_t *best_q, int64_t gp) {
+    const VF b = PATH(load)(best);
+    const VI holds = b == PATH(all_min)(b);
+    const VI code = PATH(loadi)(best_group) * (int32_t)(gp * PANEL) +
+                    PATH(loadi)(best_q) * LANES + PATH(iota)();
+    return PATH(all_imin)(PATH(selecti)(holds, code, INT32_MAX + (VI){0}))[0];
 }
 
 /* out[0:d] = x[0:d] - center[0:d], with vectors (the buffers may not overlap; the compiler
@@ -419,18 +421,18 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             if (r1 + i < row_end)
                 for (int64_t o = 0; o < d; o += 64 / (int64_t)sizeof(float))
                     __builtin_prefetch(x + (r1 + i) * d + o, 0, 2);
-            float v;
-            int32_t g;
-            PATH(row_minimum)(best[i], best_group[i], &v, &g);
-            /* The first code reaching v lies in group g (every lane holding v there has g as
-             * its first group reaching v). Small d: the group is recomputed with vectors (a
-             * few KiB of panels; the tile loop tracks nothing there); larger d: the vectors the
-             * tile loop tracked name the code. */
+            /* Small d: the row's minimum v first occurs in group g, which is recomputed with
+             * vectors (a few KiB of panels; the tile loop tracks nothing there); larger d: the
+             * vectors the tile loop tracked name the code. */
             int64_t k_best = -1;
-            if (g != INT32_MAX && d <= SMALL_RESCAN_D)
-                k_best = PATH(rescan_group)(row, d, packed, half_norms, gp, g, v);
-            else if (g != INT32_MAX)
-                k_best = PATH(tracked_code)(best[i], best_group[i], best_q[i], gp, g, v);
+            if (d <= SMALL_RESCAN_D) {
+                float v;
+                int32_t g;
+                PATH(row_minimum)(best[i], best_group[i], &v, &g);
+                if (g != INT32_MAX) k_best = PATH(rescan_group)(row, d, packed, half_norms, gp, g, v);
+            } else {
+                k_best = PATH(tracked_code)(best[i], best_group[i], best_q[i], gp);
+            }
             /* No finite minimum (NaN inputs or overflow), or a padding code: code 0. */
             if (k_best < 0 || k_best >= num_codes) k_best = 0;
             const int64_t r = r0 + i;
