@@ -261,6 +261,7 @@ def test_codebook_padding_holds_whole_groups_and_the_kernel_checks_it(
         assert status == -1, count
 
 
+@needs_kernel
 @pytest.mark.parametrize("n", [1, 17, 5000, 65536, 65537, 262144])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_search_plan_splits_the_rows_into_equal_aligned_slices(

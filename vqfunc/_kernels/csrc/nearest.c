@@ -52,8 +52,8 @@
 /* From this code dimension on, a panel is swept over all row tiles of a block (see
  * panel_tile); below it, a row tile is swept over all panels of a code block (tile). */
 /* Up to this code dimension the final recomputation scores a row's whole group with vectors
- * (rescan_group: at most 8 KiB of panels); above it, only the few candidates on the lanes that
- * hold the row's minimum (first_code), which reads a few code rows instead of the panels. */
+ * (rescan_group: at most 8 KiB of panels); above it, the tile loop tracks where each lane's
+ * minimum first occurs and those records name the code (tracked_code), nothing recomputed. */
 #define SMALL_RESCAN_D 16
 #ifndef PANEL_MAJOR_D
 #define PANEL_MAJOR_D 128
