@@ -292,7 +292,8 @@ plt.show()
 
 # %% [markdown]
 # How the test digits spread over the 64 codes during training (codes sorted by use at the end
-# of each column's step), for the baseline and for the full recipe:
+# of each column's step), for the baseline, the k-means warm-up alone, and the full recipe
+# (k-means, sync, affine and dead-code replacement):
 
 # %%
 shown = ["baseline", "+ k-means warm-up", "+ dead-code replacement"]
