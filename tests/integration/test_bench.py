@@ -6,6 +6,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -77,6 +78,32 @@ def test_bench_shape_takes_the_best_or_the_median_of_the_repeats(
     assert set(median.times.values()) == {2.0}
     with pytest.raises(ValueError, match="statistic: expected 'best' or 'median', got 'mean'"):
         bench.bench_shape(shape, cpu, torch.float32, 1, 1e9, statistic="mean")
+
+
+def test_each_timed_cpu_call_follows_the_pause_and_an_untimed_call_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+    search = bench._search.nearest_codes
+
+    def logged_search(*args: object) -> object:
+        events.append("search")
+        return search(*args)  # type: ignore[arg-type]
+
+    def timed(fn: Callable[[], object], device: torch.device) -> float:
+        events.append("timed")
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(bench._search, "nearest_codes", logged_search)
+    monkeypatch.setattr(bench._search, "_once", timed)
+    monkeypatch.setattr(bench._search.time, "sleep", lambda seconds: events.append("pause"))
+    bench.bench_shape((64, 8, 32), torch.device("cpu"), torch.float32, 2, 1e9)
+    # Every repeat of every method pauses once before its timed call; the search's calls are
+    # the ones logged, so each of its two rounds reads pause, untimed search, timed search.
+    assert events.count("pause") == events.count("timed") >= 2 * 4
+    round_ = ["pause", "search", "timed", "search"]
+    assert sum(events[i : i + 4] == round_ for i in range(len(events))) == 2
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:
@@ -183,3 +210,36 @@ def test_a_timed_call_runs_with_the_garbage_collector_paused() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_row_at_another_peak_keeps_its_times_and_rescales_its_floor() -> None:
+    row = bench.bench_shape((64, 8, 32), torch.device("cpu"), torch.float32, 1, 1e9, 2e9)
+    assert row.peak_floor == pytest.approx(2.0 * 64 * 32 * 8 / 2e9)
+    faster = row.at_peak(4e9)
+    assert faster.peak_floor == pytest.approx(row.peak_floor / 2)
+    assert (faster.times, faster.floor, faster.shape) == (row.times, row.floor, row.shape)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("keep_threads")
+def test_the_table_takes_the_best_fma_probe_of_the_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vqfunc._kernels import cpu
+    from vqfunc.bench import _cli
+    from vqfunc.bench._peak import Peak
+
+    if not cpu.available():
+        pytest.skip("the FMA probe needs the compiled CPU kernels")
+    rates = iter([100e9, 400e9, 200e9])  # the probe before the run, then one after each shape
+    monkeypatch.setattr(_cli, "fma_peak", lambda repeats: Peak("avx2", next(rates), 1))
+    shapes = "300,8,64;4096,64,1024"  # 1.3 ms at 400 GFLOP/s, 5.4 at 100
+    assert (
+        bench.main(["--quick", "--threads", "1", "--allocator", "system", "--shapes", shapes]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "FMA peak over the run: 400.0 GFLOP/s, the best of 3 probes (the slowest 100.0)" in out
+    table = out.split("\n\n")[-1].strip().splitlines()
+    for line, (n, d, k) in zip(table[2:], ((300, 8, 64), (4096, 64, 1024)), strict=True):
+        peak_ms = float(line.split("|")[1].split()[1])
+        assert peak_ms == pytest.approx(2.0 * n * k * d / 400e9 * 1e3, abs=0.06)

@@ -4,15 +4,18 @@ For each shape `(N, D, K)` it times, in one run and interleaved (so that a busy 
 every method alike): vqfunc's `nearest_codes`; vqfunc's `quantize` forward and
 forward+backward; a naive `torch.cdist` + `argmin` over the full `N x K` matrix; faiss
 `IndexFlatL2` when faiss is installed (`pip install vqfunc[bench]`); and the floor
-`2 N K D / GEMM rate`, the rate measured here on a large square matrix product (best run).
-On CPU each timed call starts after a short pause, so that no method pays for the threads the
-method before it left spinning, and every timed call runs with Python's garbage collector
-paused (as `timeit` does), so that no method pays for a collection that another one's objects
-caused. Each is printed as its best (`--statistic median`: its median) time and as a ratio;
-the codes of every method are compared with vqfunc's. By default glibc's `malloc` is told to
-keep freed memory for reuse, for every method alike (`--allocator system` keeps its defaults,
-under which each call returning large tensors pays the OS for fresh zeroed pages; see
-`vqfunc.bench._allocator`); the first line says which.
+`2 N K D / GEMM rate`, the rate measured here on a large square matrix product (best run),
+and `2 N K D / peak`, the FMA peak of the kernel library's probe (the best probe of the run:
+one before the first shape and one after each). On CPU each method is timed after a short
+pause, so that no method pays for the threads the method before it left spinning, and after
+one untimed call of its own, so that none pays for the cold start the pause itself causes
+(cores woken, data evicted), which a call in a training loop does not meet; every timed call
+runs with Python's garbage collector paused (as `timeit` does), so that no method pays for a
+collection that another one's objects caused. Each is printed as its best (`--statistic
+median`: its median) time and as a ratio; the codes of every method are compared with
+vqfunc's. By default glibc's `malloc` is told to keep freed memory for reuse, for every method
+alike (`--allocator system` keeps its defaults, under which each call returning large tensors
+pays the OS for fresh zeroed pages; see `vqfunc.bench._allocator`); the first line says which.
 
 Peak memory: on CPU, torch allocates through the C allocator, which `tracemalloc` does not see,
 so peaks are read from the kernel: `/proc/self/clear_refs` resets the peak resident set size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -65,6 +65,11 @@ class Row:
     times: dict[str, float]
     peaks: dict[str, int | None]
     agreement: dict[str, float]
+
+    def at_peak(self, peak: float) -> Row:
+        """This row with its `2 N K D / peak` floor for the FMA peak `peak` (flop/s)."""
+        n, d, k = self.shape
+        return replace(self, peak_floor=2.0 * n * k * d / peak)
 
 
 def _quantize_setup(
@@ -141,12 +146,17 @@ def bench_shape(
         del result, codes
     # Interleaved repeats: each round runs every method once, each after a pause in which the
     # worker threads of the method before (torch's and faiss's OpenMP pools spin-wait for a
-    # while after each parallel region) go idle and hand the cores back.
+    # while after each parallel region) go idle and hand the cores back. The pause also lets
+    # the host put the cores to sleep and other work evict the data, which a call in a training
+    # loop does not meet (its threads are busy and its inputs were just written): so each timed
+    # call follows an untimed one of the same method, every method alike. Timed straight
+    # after the pause, a 6 ms search cost 7-15 % more on a 2-core AMD EPYC, faiss's 0-4 %.
     samples: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
             if device.type == "cpu":
                 time.sleep(_SETTLE_SECONDS)
+                fn()
             samples[name].append(_once(fn, device))
     pick = min if statistic == "best" else statistics.median
     times = {name: pick(s) for name, s in samples.items()}
