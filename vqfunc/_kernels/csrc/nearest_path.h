@@ -229,11 +229,11 @@ INLINE void PATH(row_minimum)(const float *best, const int32_t *best_group, floa
 INLINE void PATH(record_group)(VF m, VI q, int64_t g, float *best, int32_t *best_group,
                                int32_t *best_q, const int track) {
     const VF prev = PATH(load)(best);
-    const VI better = m < prev;
-    const VI group_id = (int32_t)g + (VI){0};
-    PATH(store)(best, PATH(select)(better, m, prev));
-    PATH(storei)(best_group, PATH(selecti)(better, group_id, PATH(loadi)(best_group)));
-    if (track) PATH(storei)(best_q, PATH(selecti)(better, q, PATH(loadi)(best_q)));
+    /* Neither is NaN, so the minimum is m exactly where m < prev, as the tracked ids are
+     * (one compare for all three where the path has mask registers). */
+    PATH(store)(best, V_MIN(m, prev));
+    PATH(storei)(best_group, V_TRACK(PATH(loadi)(best_group), m, prev, (int32_t)g + (VI){0}));
+    if (track) PATH(storei)(best_q, V_TRACK(PATH(loadi)(best_q), m, prev, q));
 }
 
 /* The scores of TILE_PANELS panels (at pp, half norms at hn) for the TILE_ROWS rows at xt (row
