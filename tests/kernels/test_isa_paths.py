@@ -53,11 +53,12 @@ def _search(isa: str, vectors: torch.Tensor, codebook: torch.Tensor) -> tuple[to
         return nearest_codes(vectors, codebook)
 
 
-# Shapes that reach every specialised dimension, the generic one, the large-d panel sweep,
-# short last tiles and several code blocks.
+# Shapes that reach every specialised dimension, the generic one (with the small-d tiles and
+# without), the large-d panel sweep, short last tiles and several code blocks.
 SHAPES = [
     (37, 1, 5),
     (50, 4, 70),
+    (53, 6, 300),
     (301, 8, 200),
     (97, 16, 64),
     (250, 32, 1030),

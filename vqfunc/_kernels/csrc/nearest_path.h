@@ -6,6 +6,7 @@
  *   PATH_TARGET    the function attribute of the path's code (a target, or nothing)
  *   LANES          floats per vector (16, 8 or 4)
  *   TILE_ROWS      rows of a register tile
+ *   SMALL_TILE_ROWS  rows of a register tile for d <= SMALL_TILE_D (at most TILE_ROWS)
  *   TILE_PANELS    panels (of PANEL codes) of a register tile
  *   V_MIN(a, b)    the lane-wise minimum, b where either is NaN (as x86 minps)
  *   FMA_CHAINS     independent accumulators of the FMA probe
@@ -236,14 +237,15 @@ INLINE void PATH(record_group)(VF m, VI q, int64_t g, float *best, int32_t *best
     if (track) PATH(storei)(best_q, V_TRACK(PATH(loadi)(best_q), m, prev, q));
 }
 
-/* The scores of TILE_PANELS panels (at pp, half norms at hn) for the TILE_ROWS rows at xt (row
+/* The scores of TILE_PANELS panels (at pp, half norms at hn) for the R rows at xt (row
  * stride d), reduced to each row's lane minima and, with `track`, the vector (0 .. NV - 1) of
  * each lane where its minimum first occurs: a lane moves on to vector v only where v's score
  * is below the minimum so far, exactly where the minimum itself moves (V_MIN(a, m) is a where
  * a < m, else m). `d` and `track` are compile-time constants at the specialised call sites,
  * which lets the compiler unroll the dimension loop. */
 INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, const float *hn,
-                               VF minima[TILE_ROWS], VI which[TILE_ROWS], const int track) {
+                               VF minima[TILE_ROWS], VI which[TILE_ROWS], const int track,
+                               const int R) {
     VF h[NV], b[NV], a[TILE_ROWS][NV];
     for (int v = 0; v < NV; ++v) h[v] = PATH(load)(hn + v * LANES);
     /* An opaque copy of the row pointer: keeps the compiler from hoisting one address per row
@@ -251,7 +253,7 @@ INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, cons
     const float *xr = xt;
     __asm__("" : "+r"(xr));
     for (int v = 0; v < NV; ++v) b[v] = PATH(load)(pp + (v / VPP) * d * PANEL + (v % VPP) * LANES);
-    for (int i = 0; i < TILE_ROWS; ++i) {
+    for (int i = 0; i < R; ++i) {
         const float x0 = xr[i * d];
         for (int v = 0; v < NV; ++v) a[i][v] = V_STEP(h[v], x0, b[v]);
     }
@@ -259,12 +261,12 @@ INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, cons
     for (int64_t j = 1; j < d; ++j) {
         for (int v = 0; v < NV; ++v)
             b[v] = PATH(load)(pp + (v / VPP) * d * PANEL + j * PANEL + (v % VPP) * LANES);
-        for (int i = 0; i < TILE_ROWS; ++i) {
+        for (int i = 0; i < R; ++i) {
             const float xj = xr[i * d + j];
             for (int v = 0; v < NV; ++v) a[i][v] = V_STEP(a[i][v], xj, b[v]);
         }
     }
-    for (int i = 0; i < TILE_ROWS; ++i) {
+    for (int i = 0; i < R; ++i) {
         VF m = a[i][0];
         VI w = (VI){0};
         for (int v = 1; v < NV; ++v) {
@@ -276,16 +278,16 @@ INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, cons
     }
 }
 
-/* Lane minima of the scores of the TILE_ROWS rows at xt against the codes of groups [g0, g1)
+/* Lane minima of the scores of the R rows at xt (R a compile-time constant) against the codes of groups [g0, g1)
  * of gp panels, folded into best/best_group/best_q (rows past `rows` are ignored). */
 INLINE void PATH(tile)(const float *xt, int rows, int64_t d, const float *packed,
                        const float *half_norms, int64_t gp, int64_t g0, int64_t g1,
                        float (*best)[LANES], int32_t (*best_group)[LANES],
-                       int32_t (*best_q)[LANES], const int track) {
+                       int32_t (*best_q)[LANES], const int track, const int R) {
     for (int64_t g = g0; g < g1; ++g) {
         VF m[TILE_ROWS];
         VI q[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; ++i) {
+        for (int i = 0; i < R; ++i) {
             m[i] = PATH(splat)(INFINITY);
             q[i] = (VI){0};
         }
@@ -293,13 +295,13 @@ INLINE void PATH(tile)(const float *xt, int rows, int64_t d, const float *packed
             VF minima[TILE_ROWS];
             VI which[TILE_ROWS];
             PATH(panel_minima)(xt, d, packed + p * d * PANEL, half_norms + p * PANEL, minima,
-                               which, track);
+                               which, track, R);
             /* The vectors of this call are q = (p - g gp) VPP + which of the group; the first
              * call's are taken as they are (where its minima are not below +inf, the lane
              * records nothing for this group). */
             const int32_t first = (int32_t)((p - g * gp) * VPP);
             /* min(score, m) keeps m when a score is NaN. */
-            for (int i = 0; i < TILE_ROWS; ++i) {
+            for (int i = 0; i < R; ++i) {
                 if (track) q[i] = first == 0 ? which[i] : V_TRACK(q[i], minima[i], m[i], which[i] + first);
                 m[i] = V_MIN(minima[i], m[i]);
             }
@@ -317,7 +319,7 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
                                          int32_t (*mq)[LANES], int32_t first) {
     VF minima[TILE_ROWS];
     VI which[TILE_ROWS];
-    PATH(panel_minima)(xt, d, pp, hn, minima, which, 1);
+    PATH(panel_minima)(xt, d, pp, hn, minima, which, 1, TILE_ROWS);
     for (int i = 0; i < TILE_ROWS; ++i) {
         const VF prev = PATH(load)(m[i]);
         PATH(storei)(mq[i], V_TRACK(PATH(loadi)(mq[i]), minima[i], prev, which[i] + first));
@@ -325,10 +327,10 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
     }
 }
 
-#define TILE_CASE(D)                                                                      \
+#define TILE_CASE(D, R)                                                                   \
     case D:                                                                               \
         PATH(tile)(xt, rows, D, packed, half_norms, gp, g0, g1, best + (t - r0),          \
-                   best_group + (t - r0), best_q + (t - r0), (D) > SMALL_RESCAN_D);       \
+                   best_group + (t - r0), best_q + (t - r0), (D) > SMALL_RESCAN_D, R);    \
         break;
 
 /* Rows [row_begin, row_end) of x: see vq_nearest_f32 in nearest.c (the arguments are the
@@ -398,19 +400,27 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
                 }
                 continue;
             }
-            for (int64_t t = r0; t < r1; t += TILE_ROWS) {
-                const int rows = (int)(r1 - t < TILE_ROWS ? r1 - t : TILE_ROWS);
+            /* Small d: tiles of fewer rows (see SMALL_TILE_D); ROW_BLOCK holds whole tiles of
+             * either size. */
+            const int tile_rows = d <= SMALL_TILE_D ? SMALL_TILE_ROWS : TILE_ROWS;
+            for (int64_t t = r0; t < r1; t += tile_rows) {
+                const int rows = (int)(r1 - t < tile_rows ? r1 - t : tile_rows);
                 const float *xt = block + (t - r0) * d;
                 switch (d) {
-                    TILE_CASE(4)
-                    TILE_CASE(8)
-                    TILE_CASE(16)
-                    TILE_CASE(32)
-                    TILE_CASE(64)
+                    TILE_CASE(4, SMALL_TILE_ROWS)
+                    TILE_CASE(8, SMALL_TILE_ROWS)
+                    TILE_CASE(16, TILE_ROWS)
+                    TILE_CASE(32, TILE_ROWS)
+                    TILE_CASE(64, TILE_ROWS)
                     default:
-                        PATH(tile)(xt, rows, d, packed, half_norms, gp, g0, g1,
-                                   best + (t - r0), best_group + (t - r0), best_q + (t - r0),
-                                   d > SMALL_RESCAN_D);
+                        if (d <= SMALL_TILE_D)
+                            PATH(tile)(xt, rows, d, packed, half_norms, gp, g0, g1,
+                                       best + (t - r0), best_group + (t - r0), best_q + (t - r0),
+                                       d > SMALL_RESCAN_D, SMALL_TILE_ROWS);
+                        else
+                            PATH(tile)(xt, rows, d, packed, half_norms, gp, g0, g1,
+                                       best + (t - r0), best_group + (t - r0), best_q + (t - r0),
+                                       d > SMALL_RESCAN_D, TILE_ROWS);
                 }
             }
         }
