@@ -278,8 +278,9 @@ INLINE void PATH(panel_minima)(const float *xt, int64_t d, const float *pp, cons
     }
 }
 
-/* Lane minima of the scores of the R rows at xt (R a compile-time constant) against the codes of groups [g0, g1)
- * of gp panels, folded into best/best_group/best_q (rows past `rows` are ignored). */
+/* Lane minima of the scores of the R rows at xt (R a compile-time constant) against the codes
+ * of groups [g0, g1) of gp panels, folded into best/best_group/best_q (rows past `rows` are
+ * ignored). */
 INLINE void PATH(tile)(const float *xt, int rows, int64_t d, const float *packed,
                        const float *half_norms, int64_t gp, int64_t g0, int64_t g1,
                        float (*best)[LANES], int32_t (*best_group)[LANES],
@@ -327,10 +328,16 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
     }
 }
 
-#define TILE_CASE(D, R)                                                                   \
+/* The rows of a register tile for code dimension D (see SMALL_TILE_D). */
+#define TILE_ROWS_FOR(D) ((D) <= SMALL_TILE_D ? SMALL_TILE_ROWS : TILE_ROWS)
+/* The row tile at xt against a code block, for dimension D in tiles of R rows (both
+ * compile-time constants at the specialised call sites). */
+#define TILE_CALL(D, R)                                                                   \
+    PATH(tile)(xt, rows, D, packed, half_norms, gp, g0, g1, best + (t - r0),              \
+               best_group + (t - r0), best_q + (t - r0), (D) > SMALL_RESCAN_D, R)
+#define TILE_CASE(D)                                                                      \
     case D:                                                                               \
-        PATH(tile)(xt, rows, D, packed, half_norms, gp, g0, g1, best + (t - r0),          \
-                   best_group + (t - r0), best_q + (t - r0), (D) > SMALL_RESCAN_D, R);    \
+        TILE_CALL(D, TILE_ROWS_FOR(D));                                                   \
         break;
 
 /* Rows [row_begin, row_end) of x: see vq_nearest_f32 in nearest.c (the arguments are the
@@ -402,25 +409,21 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             }
             /* Small d: tiles of fewer rows (see SMALL_TILE_D); ROW_BLOCK holds whole tiles of
              * either size. */
-            const int tile_rows = d <= SMALL_TILE_D ? SMALL_TILE_ROWS : TILE_ROWS;
+            const int tile_rows = TILE_ROWS_FOR(d);
             for (int64_t t = r0; t < r1; t += tile_rows) {
                 const int rows = (int)(r1 - t < tile_rows ? r1 - t : tile_rows);
                 const float *xt = block + (t - r0) * d;
                 switch (d) {
-                    TILE_CASE(4, SMALL_TILE_ROWS)
-                    TILE_CASE(8, SMALL_TILE_ROWS)
-                    TILE_CASE(16, TILE_ROWS)
-                    TILE_CASE(32, TILE_ROWS)
-                    TILE_CASE(64, TILE_ROWS)
-                    default:
+                    TILE_CASE(4)
+                    TILE_CASE(8)
+                    TILE_CASE(16)
+                    TILE_CASE(32)
+                    TILE_CASE(64)
+                    default: /* R must be a constant: one instantiation per tile size */
                         if (d <= SMALL_TILE_D)
-                            PATH(tile)(xt, rows, d, packed, half_norms, gp, g0, g1,
-                                       best + (t - r0), best_group + (t - r0), best_q + (t - r0),
-                                       d > SMALL_RESCAN_D, SMALL_TILE_ROWS);
+                            TILE_CALL(d, SMALL_TILE_ROWS);
                         else
-                            PATH(tile)(xt, rows, d, packed, half_norms, gp, g0, g1,
-                                       best + (t - r0), best_group + (t - r0), best_q + (t - r0),
-                                       d > SMALL_RESCAN_D, TILE_ROWS);
+                            TILE_CALL(d, TILE_ROWS);
                 }
             }
         }
@@ -509,6 +512,8 @@ PATH_TARGET static float PATH(fma_chains)(int64_t iterations, float seed) {
 }
 
 #undef TILE_CASE
+#undef TILE_CALL
+#undef TILE_ROWS_FOR
 #undef INLINE
 #undef VF
 #undef VI
