@@ -243,3 +243,28 @@ def test_the_table_takes_the_best_fma_probe_of_the_run(
     for line, (n, d, k) in zip(table[2:], ((300, 8, 64), (4096, 64, 1024)), strict=True):
         peak_ms = float(line.split("|")[1].split()[1])
         assert peak_ms == pytest.approx(2.0 * n * k * d / 400e9 * 1e3, abs=0.06)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--shapes", "65536x32x512"], "--shapes: got '65536x32x512'"),
+        (["--shapes", "64,8,16;64,0,16"], "'64,0,16' is not three positive integers"),
+        (["--shapes", "64,8"], "'64,8' is not three positive integers"),
+        (["--threads", "0"], "--threads: got '0', expected an integer >= 1"),
+        (["--repeats", "two"], "--repeats: got 'two', expected an integer >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused_with_what_was_expected(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_shapes_argument_reads_every_shape() -> None:
+    from vqfunc.bench._cli import shapes_argument
+
+    assert shapes_argument("64,8,16; 128,4,32") == [(64, 8, 16), (128, 4, 32)]

@@ -26,14 +26,43 @@ from vqfunc.bench._search import (
 from vqfunc.bench._timing import gemm_rate
 
 
+def shapes_argument(text: str) -> list[tuple[int, int, int]]:
+    """`--shapes`: `"N,D,K;N,D,K;..."` as a list of `(N, D, K)`, each a positive integer."""
+    shapes = []
+    for part in text.split(";"):
+        fields = part.split(",")
+        try:
+            shape = tuple(int(f) for f in fields)
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise argparse.ArgumentTypeError(
+                f"got {text!r}: {part!r} is not three positive integers N,D,K; expected "
+                f"shapes as N,D,K separated by ';' (e.g. '65536,32,512;4096,256,8192')"
+            )
+        shapes.append((shape[0], shape[1], shape[2]))
+    return shapes
+
+
+def positive_int(text: str) -> int:
+    """An argument that must be an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vqfunc.bench", description=_package.__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"]
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--statistic",
         default="best",
@@ -43,10 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
     parser.add_argument("--memory", action="store_true", help="peak memory of quantize on 1e6")
     parser.add_argument(
-        "--shapes", default=None, help="N,D,K;N,D,K;... instead of the built-in table"
+        "--shapes",
+        type=shapes_argument,
+        default=None,
+        help="N,D,K;N,D,K;... instead of the built-in table",
     )
-    parser.add_argument("--lfq", type=int, default=None, metavar="BITS", help="LFQ loss cost")
-    parser.add_argument("--rows", type=int, default=4096, help="vectors for --lfq")
+    parser.add_argument(
+        "--lfq", type=positive_int, default=None, metavar="BITS", help="LFQ loss cost"
+    )
+    parser.add_argument("--rows", type=positive_int, default=4096, help="vectors for --lfq")
     parser.add_argument(
         "--gpu-check",
         action="store_true",
@@ -89,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {key:>26}: {value:9.1f}")
         return 0
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+        shapes = args.shapes
     elif args.kmeans:
         shapes = list(KMEANS_QUICK_SHAPES if args.quick else KMEANS_SHAPES)
     else:
