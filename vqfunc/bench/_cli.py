@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         shapes = list(QUICK_SHAPES if args.quick else FULL_SHAPES)
     if args.kmeans:
-        return run_kmeans(shapes, device)  # type: ignore[arg-type]
+        return run_kmeans(shapes, device)
     repeats = 1 if args.quick else args.repeats
     size = 512 if args.quick else 2048
     rate = gemm_rate(device, torch.promote_types(dtype, torch.float32), repeats, size)
