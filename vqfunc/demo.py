@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from vqfunc._command_line import positive_int
 from vqfunc._metrics import perplexity, usage
 from vqfunc._warmup import WarmupMethod
 from vqfunc.nn import FSQ, LFQ, VectorQuantize, codebook_warmup
@@ -448,13 +449,6 @@ def _require_demo_extra() -> None:
         )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = Settings()
     parser = argparse.ArgumentParser(
@@ -462,19 +456,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Train a VQ autoencoder on scikit-learn's digits with each codebook recipe.",
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=defaults.steps, help="training steps per recipe"
+        "--steps", type=positive_int, default=defaults.steps, help="training steps per recipe"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data split and weights")
     parser.add_argument("--out", default="vqfunc_demo.png", help="path of the PNG figure")
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="torch CPU threads (default 1: the model is tiny, and more threads only contend)",
     )
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="recipes trained at once, each in its own process (default: 2 on two or more "
         "cores, else 1; 1 with --quick)",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import vqfunc.bench as _package
+from vqfunc._command_line import positive_int
 from vqfunc._search import uses_cpu_kernel
 from vqfunc.bench._allocator import retain_freed_memory
 from vqfunc.bench._gpu_check import gpu_check
@@ -42,17 +43,6 @@ def shapes_argument(text: str) -> list[tuple[int, int, int]]:
             )
         shapes.append((shape[0], shape[1], shape[2]))
     return shapes
-
-
-def positive_int(text: str) -> int:
-    """An argument that must be an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"got {text!r}, expected an integer >= 1")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
