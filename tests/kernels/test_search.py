@@ -234,6 +234,27 @@ def test_codebook_packing_layout() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize(("k", "d"), [(70, 5), (16, 33), (200, 64)])
+def test_packing_drops_codes_that_are_not_finite_or_whose_norm_overflows(k: int, d: int) -> None:
+    g = torch.Generator().manual_seed(k + d)
+    codebook = torch.randn(k, d, generator=g) * 4.0
+    codebook[3, d - 1], codebook[k - 1, 0], codebook[8, d // 2] = torch.nan, torch.inf, -torch.inf
+    codebook[11] = 2e19  # finite entries whose squares sum past the float32 range
+    panels, half_norms = _cpu_kernel.pack_codebook(codebook)
+    padded = panels.shape[0] * 16
+    # The reference, code by code in float64: a code is kept when its entries and its squared
+    # norm are finite in float32; a dropped one (and padding) packs zeros and half norm +inf.
+    sq = codebook.double().square().sum(-1)
+    kept = torch.isfinite(codebook).all(-1) & (sq < torch.finfo(torch.float32).max)
+    assert kept.sum() == k - 4
+    want = torch.zeros(padded, d)
+    want[:k][kept] = codebook[kept]
+    assert torch.equal(panels, want.view(-1, 16, d).transpose(1, 2))
+    assert torch.isinf(half_norms[:k][~kept]).all() and torch.isinf(half_norms[k:]).all()
+    torch.testing.assert_close(half_norms[:k][kept].double(), 0.5 * sq[kept], rtol=1e-6, atol=0)
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     ("k", "d", "padded"),
     [

@@ -90,45 +90,90 @@ static int whole_groups(int64_t panels, int64_t num_codes, int64_t d) {
     return d >= 1 && panels * PANEL == vq_padded_codes(num_codes, d);
 }
 
+/* Whether the d floats at v are all finite: no entry has an exponent of all ones (inf, NaN).
+ * An integer OR over the entries, which the compiler vectorises (a float reduction it may
+ * not reorder, and an early exit it cannot vectorise). */
+static int all_finite(const float *v, int64_t d) {
+    const uint32_t *bits = (const uint32_t *)v;
+    uint32_t special = 0;
+    for (int64_t j = 0; j < d; ++j) special |= (bits[j] & 0x7f800000u) == 0x7f800000u;
+    return special == 0;
+}
+
+/* Codes per partial sum of vq_center_f32: a fixed split, so that the sums, added in order,
+ * do not depend on the thread count. */
+#define CENTER_CHUNK 256
+
 /* The mean center [d] of the codes of codebook [k, d] whose entries are all finite (zeros when
- * none is), accumulated in double. Status VQ_OK, or VQ_NO_MEMORY. */
-int vq_center_f32(const float *codebook, int64_t k, int64_t d, float *center) {
-    double *sum = calloc((size_t)(d > 0 ? d : 1), sizeof(double));
-    if (sum == NULL) return VQ_NO_MEMORY;
-    int64_t count = 0;
-    for (int64_t c = 0; c < k; ++c) {
-        const float *code = codebook + c * d;
-        int finite = 1;
-        for (int64_t j = 0; j < d && finite; ++j) finite = isfinite(code[j]);
-        if (!finite) continue;
-        for (int64_t j = 0; j < d; ++j) sum[j] += code[j];
-        ++count;
+ * none is), accumulated in double: one partial sum per chunk of CENTER_CHUNK codes (chunks
+ * shared out among `threads` OpenMP threads), added in chunk order. Status VQ_OK, or
+ * VQ_NO_MEMORY. */
+int vq_center_f32(const float *codebook, int64_t k, int64_t d, float *center, int threads) {
+    if (threads < 1) return VQ_BAD_THREADS;
+    const int64_t chunks = k > 0 ? (k + CENTER_CHUNK - 1) / CENTER_CHUNK : 1;
+    const int64_t width = d > 0 ? d : 1;
+    double *sums = calloc((size_t)(chunks * width), sizeof(double));
+    int64_t *counts = calloc((size_t)chunks, sizeof(int64_t));
+    if (sums == NULL || counts == NULL) {
+        free(sums);
+        free(counts);
+        return VQ_NO_MEMORY;
     }
-    for (int64_t j = 0; j < d; ++j) center[j] = count > 0 ? (float)(sum[j] / (double)count) : 0.0f;
-    free(sum);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        double *sum = sums + chunk * width;
+        const int64_t end = (chunk + 1) * CENTER_CHUNK < k ? (chunk + 1) * CENTER_CHUNK : k;
+        for (int64_t c = chunk * CENTER_CHUNK; c < end; ++c) {
+            const float *code = codebook + c * d;
+            if (!all_finite(code, d)) continue;
+            for (int64_t j = 0; j < d; ++j) sum[j] += code[j];
+            ++counts[chunk];
+        }
+    }
+    int64_t count = counts[0];
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+        for (int64_t j = 0; j < d; ++j) sums[j] += sums[chunk * width + j];
+        count += counts[chunk];
+    }
+    for (int64_t j = 0; j < d; ++j) center[j] = count > 0 ? (float)(sums[j] / (double)count) : 0.0f;
+    free(sums);
+    free(counts);
     return VQ_OK;
 }
 
 /* Packs codebook [k, d], less center [d] (NULL: none), into panels [padded_k / 16][d][16] and
  * half squared norms [padded_k]. Padding codes and codes with a non-finite entry (after the
  * subtraction) get h = +inf and zero entries, so they are never chosen (and add no NaN to a
- * score). Plain loops: the codebook is small next to the search. */
+ * score). One panel at a time, dimension by dimension: its 16 codes' sums of squares are 16
+ * independent chains (one code's d additions in a row would wait on each other), and each
+ * dimension's 16 entries are one contiguous store. A code's sum is a + v v over its entries in
+ * order, as before; it is finite exactly when every entry is (an inf or NaN entry leaves it
+ * inf or NaN) and the sum does not overflow. Panels are shared out among `threads` OpenMP
+ * threads. */
 void vq_pack_f32(const float *codebook, int64_t k, int64_t d, int64_t padded_k,
-                 const float *center, float *packed, float *half_norms) {
-    for (int64_t c = 0; c < padded_k; ++c) {
-        const float *code = codebook + c * d;
-        float *lane = packed + (c / PANEL) * d * PANEL + (c % PANEL);
-        int finite = c < k;
-        float sq = 0.0f;
-        for (int64_t j = 0; j < d && finite; ++j) {
-            const float v = center ? code[j] - center[j] : code[j];
-            finite = isfinite(v);
-            sq += v * v;
+                 const float *center, float *packed, float *half_norms, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads > 1 ? threads : 1) if (threads > 1)
+    for (int64_t c0 = 0; c0 < padded_k; c0 += PANEL) {
+        float *panel = packed + (c0 / PANEL) * d * PANEL;
+        const float *first = codebook + c0 * d;
+        const int live = k - c0 >= PANEL ? PANEL : k > c0 ? (int)(k - c0) : 0;
+        float sq[PANEL] = {0};
+        for (int64_t j = 0; j < d; ++j) {
+            const float m = center ? center[j] : 0.0f; /* v - 0 is v, -0 included */
+            float *lane = panel + j * PANEL;
+            for (int l = 0; l < live; ++l) {
+                const float v = first[l * d + j] - m;
+                lane[l] = v;
+                sq[l] += v * v;
+            }
+            for (int l = live; l < PANEL; ++l) lane[l] = 0.0f;
         }
-        finite = finite && isfinite(sq);
-        for (int64_t j = 0; j < d; ++j)
-            lane[j * PANEL] = finite ? (center ? code[j] - center[j] : code[j]) : 0.0f;
-        half_norms[c] = finite ? 0.5f * sq : INFINITY;
+        for (int l = 0; l < PANEL; ++l) {
+            const int finite = l < live && isfinite(sq[l]);
+            half_norms[c0 + l] = finite ? 0.5f * sq[l] : INFINITY;
+            if (!finite)
+                for (int64_t j = 0; j < d; ++j) panel[j * PANEL + l] = 0.0f;
+        }
     }
 }
 
