@@ -283,7 +283,7 @@ def test_codebook_padding_holds_whole_groups_and_the_kernel_checks_it(
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [1, 17, 5000, 65536, 65537, 262144])
+@pytest.mark.parametrize("n", [1, 17, 256, 1000, 5000, 65536, 65537, 262144])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_search_plan_splits_the_rows_into_equal_aligned_slices(
     n: int, threads: int, monkeypatch: pytest.MonkeyPatch
@@ -296,9 +296,12 @@ def test_search_plan_splits_the_rows_into_equal_aligned_slices(
     per_slice, slices = plan.rows_per_slice, -(-n // plan.rows_per_slice)
     assert plan.threads == threads and per_slice % 16 == 0
     assert slices <= 8 * threads
-    # Split further, a slice would not be whole cache lines; a large batch fills every slice
-    # to within a line of rows.
-    assert per_slice == 16 or (per_slice - 16) * 8 * threads < n
+    # As many slices as threads, as far as whole cache lines of rows allow.
+    assert slices >= min(threads, -(-n // 16))
+    # A slice sweeps the whole codebook: a batch that gives every thread 128 rows is not cut
+    # finer than that.
+    if n >= 128 * threads:
+        assert per_slice >= 128
     if n >= 65536:
         assert slices == 8 * threads and n - (slices - 1) * per_slice > per_slice - 16 * slices
 
