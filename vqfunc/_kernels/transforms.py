@@ -43,12 +43,18 @@ def modes_active() -> bool:
     return current() is not None or bool(functions())
 
 
+# `nn.Parameter` is a subclass in name only (its `__torch_function__` is turned off): a layer's
+# codebook reaches the kernels as one, and takes the direct route like a plain tensor.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_eager(*tensors: torch.Tensor) -> bool:
     """Whether a call on `tensors` may skip the registered operator: neither traced nor
     transformed, no dispatch or function mode active, and every tensor a plain `torch.Tensor`
-    (not a fake or other subclass that the operator's registrations exist for)."""
+    or `nn.Parameter` (not a fake or other subclass that the operator's registrations exist
+    for)."""
     return (
         not traced_or_transformed()
-        and all(type(t) is torch.Tensor for t in tensors)
+        and all(type(t) in _PLAIN_TYPES for t in tensors)
         and not modes_active()
     )
