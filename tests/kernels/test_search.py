@@ -321,6 +321,35 @@ def test_compiled_center_is_the_float64_mean_of_the_finite_codes() -> None:
 
 
 @needs_kernel
+def test_centring_and_packing_on_several_threads_match_one_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A codebook of 2 MiB takes two threads in both passes; the centre's partial sums are split
+    # by codes, not threads, so the bits are the same on any count. Non-finite codes sit in
+    # several chunks of the centre's split and on both sides of the packing's.
+    g = torch.Generator().manual_seed(8)
+    codebook = torch.randn(4100, 128, generator=g) * 3.0 + 500.0
+    for row in (0, 255, 256, 2049, 4099):
+        codebook[row, row % 128] = torch.nan if row % 2 else torch.inf
+    finite = torch.isfinite(codebook).all(-1)
+    assert codebook.numel() >= 2 * _cpu_kernel._MIN_CODEBOOK_FLOATS
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(_cpu_kernel, "max_threads", lambda threads=threads: threads)
+        center = _cpu_kernel.codebook_center_f32(codebook)
+        results.append((center, *_cpu_kernel.pack_codebook(codebook, center)))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    center, panels, half_norms = results[0]
+    torch.testing.assert_close(center, codebook[finite].double().mean(0).float(), rtol=0, atol=1e-4)
+    assert torch.isinf(half_norms[:4100][~finite]).all()
+    assert torch.isfinite(half_norms[:4100][finite]).all()
+    codes = panels.transpose(1, 2).reshape(-1, 128)[:4100]  # back to [K, d]
+    assert torch.equal(codes[finite], codebook[finite] - center)
+    assert not codes[~finite].any()
+
+
+@needs_kernel
 def test_packing_less_a_center_packs_the_centred_codes() -> None:
     g = torch.Generator().manual_seed(4)
     codebook, center = torch.randn(70, 5, generator=g), torch.randn(5, generator=g)
