@@ -170,6 +170,16 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _zero_invalid(grad_rows: Tensor, valid: Tensor) -> Tensor:
+    """`grad_rows [M, G, d]` with the rows that are not `valid [M]` zeroed. A plain eager call
+    whose rows are all valid (the usual case) returns it as it is: the select was a pass over
+    the gradient that changed nothing (1.6 ms of a 3.8 ms backward for 65536 x 32 rows on two
+    cores). Traced or transformed, the select always runs (no branch on the data there)."""
+    if not traced_or_transformed() and bool(valid.all()):
+        return grad_rows
+    return torch.where(valid.view(-1, 1, 1), grad_rows, 0.0)
+
+
 def _backward(
     ctx: Any, grad_z: Tensor | None, grad_out: Tensor | None, grad_z_q: Tensor | None, *rest: Any
 ) -> tuple[Any, ...]:
@@ -194,7 +204,7 @@ def _backward(
         grad_rows = grad_flat.view(z.shape)
         if grad_z is not None:
             grad_rows = grad_rows + grad_z
-        grad_rows = torch.where(valid.view(-1, 1, 1), grad_rows, 0.0)
+        grad_rows = _zero_invalid(grad_rows, valid)
     if need_codebook:
         grad_cb = grad_book.view(codebook.shape)
     return grad_rows, grad_cb, None, None, None

@@ -148,6 +148,24 @@ def test_outputs_and_gradients_match_the_float64_reference(
     assert (got["grad_rows"][~want["valid"]] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["compiled", "torch"])
+@pytest.mark.parametrize("mask", ["none", "float"])
+def test_gradients_of_a_batch_without_invalid_rows_match_the_float64_reference(
+    backend: str, mask: str
+) -> None:
+    # With every row valid the backward skips zeroing the invalid rows' gradient (eager only).
+    if backend == "compiled" and not _cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel does not build here")
+    rows, codebook, weights = _case(7, 2, 5, 9, True, mask, seed=11)
+    assert torch.isfinite(rows).all()
+    upstream = _upstream(rows, 11)
+    want = _reference(rows, codebook, weights, 0.3, 0.5, upstream)
+    with vqfunc.kernels.use(cpu=backend):
+        got = _run(rows, codebook, weights, 0.3, 0.5, upstream)
+    _compare(got, want)
+    assert got["grad_rows"].abs().min() > 0
+
+
 @needs_kernel
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
