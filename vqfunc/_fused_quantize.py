@@ -174,8 +174,9 @@ def _zero_invalid(grad_rows: Tensor, valid: Tensor) -> Tensor:
     """`grad_rows [M, G, d]` with the rows that are not `valid [M]` zeroed. A plain eager call
     whose rows are all valid (the usual case) returns it as it is: the select was a pass over
     the gradient that changed nothing (1.6 ms of a 3.8 ms backward for 65536 x 32 rows on two
-    cores). Traced or transformed, the select always runs (no branch on the data there)."""
-    if not traced_or_transformed() and bool(valid.all()):
+    cores). Traced, transformed, under a mode (a fake tensor's has no data to branch on) or on a
+    tensor subclass, the select always runs."""
+    if plain_eager(grad_rows, valid) and bool(valid.all()):
         return grad_rows
     return torch.where(valid.view(-1, 1, 1), grad_rows, 0.0)
 

@@ -166,6 +166,20 @@ def test_gradients_of_a_batch_without_invalid_rows_match_the_float64_reference(
     assert got["grad_rows"].abs().min() > 0
 
 
+def test_forward_and_backward_run_on_fake_tensors() -> None:
+    # Shapes without data (what torch.compile and memory estimates see): the backward must not
+    # branch on the rows' validity there.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        rows = torch.randn(6, 2, 4, requires_grad=True)
+        codebook = torch.randn(5, 4, requires_grad=True)
+        r = fused_quantize(rows, codebook, None, beta=0.25, nu=0.5)
+        (r.out.sum() + r.z_q.sum() + r.loss).backward()
+        assert rows.grad is not None and codebook.grad is not None
+        assert rows.grad.shape == rows.shape and codebook.grad.shape == codebook.shape
+
+
 @needs_kernel
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
