@@ -85,6 +85,29 @@ def test_codes_and_distances_match_the_brute_force(isa: str, n: int, d: int, k: 
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("n", "d", "k"), [(301, 8, 200), (250, 32, 130), (45, 70, 77), (19, 200, 90)]
+)
+def test_rows_read_in_place_give_what_their_copy_gives(isa: str, n: int, d: int, k: int) -> None:
+    # Rows whose floats are contiguous are read where they lie, at any row stride: a group's
+    # columns of a wider matrix (offset, and the stride of the whole row), one row repeated
+    # (stride 0); a transposed matrix is copied first.
+    g = torch.Generator().manual_seed(n + d + k)
+    wide, codebook = torch.randn(n, 3 * d + 5, generator=g), torch.randn(k, d, generator=g)
+    views = [
+        wide[:, d + 2 : 2 * d + 2],
+        wide[:, :d],
+        wide[7, :d].expand(n, d),
+        torch.randn(d, n, generator=g).t(),
+    ]
+    for view in views:
+        codes, distances = _search(isa, view, codebook)
+        want_codes, want_distances = _search(isa, view.contiguous(), codebook)
+        assert torch.equal(codes, want_codes) and torch.equal(distances, want_distances)
+    assert_nearest(views[0], codebook, _search(isa, views[0], codebook)[0])
+
+
+@needs_kernel
 @pytest.mark.parametrize("d", [3, 8, 32, 64, 200])
 @pytest.mark.parametrize("copies", [2, 5])
 def test_ties_within_a_group_pick_the_first_code(isa: str, d: int, copies: int) -> None:

@@ -275,7 +275,7 @@ def test_codebook_padding_holds_whole_groups_and_the_kernel_checks_it(
     codes, distances = torch.empty(3, dtype=torch.int64), torch.empty(3)
     for count in (padded // 16 - 1, padded // 16 + 4):
         status = _cpu_kernel.library().vq_nearest_f32(
-            *(x.data_ptr(), 3, d, panels.data_ptr(), half_norms.data_ptr(), count, k),
+            *(x.data_ptr(), 3, d, d, panels.data_ptr(), half_norms.data_ptr(), count, k),
             *(codebook.data_ptr(), torch.zeros(d).data_ptr(), codes.data_ptr()),
             *(distances.data_ptr(), 240, 1, _cpu_kernel.isa_number("portable")),
         )

@@ -293,7 +293,8 @@ int vq_supported(void) { return 1; }
 #undef V_STREAM_FENCE
 #endif
 
-typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, const float *, const float *,
+typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const float *,
+                       const float *,
                        int64_t, int64_t, const float *, const float *, int64_t *, float *,
                        const vq_forward_outputs *, int64_t);
 
@@ -313,8 +314,8 @@ static rows_fn rows_for(int isa) {
 /* The rows of x in slices of rows_per_slice rows, handed out dynamically to `threads` OpenMP
  * threads, each slice searched (and, with fwd, quantized) by `rows`: slice s is rows
  * [s rows_per_slice, (s + 1) rows_per_slice) and fills entry s of fwd's per-slice sums. */
-static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, const float *packed,
-                         const float *half_norms, int64_t panels, int64_t num_codes,
+static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, int64_t stride,
+                         const float *packed, const float *half_norms, int64_t panels, int64_t num_codes,
                          const float *codebook, const float *center, int64_t *codes,
                          float *distances, const vq_forward_outputs *fwd,
                          int64_t rows_per_slice, int threads) {
@@ -324,14 +325,16 @@ static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, con
     for (int64_t s = 0; s < slices; ++s) {
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
-        const int result = rows(x, begin, end, d, packed, half_norms, panels, num_codes,
+        const int result = rows(x, begin, end, d, stride, packed, half_norms, panels, num_codes,
                                 codebook, center, codes, distances, fwd, s);
         VQ_RECORD_FAILURE(status, result);
     }
     return status;
 }
 
-/* All n rows of x on the path `isa` (VQ_ISA_*), in slices of rows_per_slice rows handed out
+/* All n rows of x (row r at x + r stride: x [n, d] itself where stride = d, or a view of every
+ * stride-th float, such as a column slice of a wider matrix; rows are only read, so any
+ * stride >= 0 will do) on the path `isa` (VQ_ISA_*), in slices of rows_per_slice rows handed out
  * dynamically to `threads` OpenMP threads (the runtime torch uses, when it is loaded: one pool,
  * no oversubscription). The packed codes are centred on `center` [d] (the codebook's mean) and
  * each row block is centred the same way before it is scored: distances are invariant to the
@@ -339,15 +342,16 @@ static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, con
  * a large offset. `packed` and `half_norms` are vq_pack_f32's, `panels` panels of 16 codes
  * (vq_padded_codes(num_codes, d) / 16). Writes codes[0:n] and the Euclidean distances
  * ||x - codebook[code]|| (of the uncentred vectors) to distances[0:n]. */
-int vq_nearest_f32(const float *x, int64_t n, int64_t d, const float *packed,
+int vq_nearest_f32(const float *x, int64_t n, int64_t d, int64_t stride, const float *packed,
                    const float *half_norms, int64_t panels, int64_t num_codes,
                    const float *codebook, const float *center,
                    int64_t *codes, float *distances, int64_t rows_per_slice, int threads,
                    int isa) {
-    if (!vq_isa_supported(isa) || !whole_groups(panels, num_codes, d) || rows_per_slice < 1)
+    if (!vq_isa_supported(isa) || !whole_groups(panels, num_codes, d) || rows_per_slice < 1 ||
+        stride < 0)
         return VQ_UNSUPPORTED;
-    return search_slices(rows_for(isa), x, n, d, packed, half_norms, panels, num_codes, codebook,
-                         center, codes, distances, NULL, rows_per_slice, threads);
+    return search_slices(rows_for(isa), x, n, d, stride, packed, half_norms, panels, num_codes,
+                         codebook, center, codes, distances, NULL, rows_per_slice, threads);
 }
 
 /* vq_nearest_f32 and, in the same pass over each row block, quantize's forward on the rows x
@@ -388,7 +392,7 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
         .weight = counts + per_slice * (size_t)(num_codes + 1), .invalid = invalid,
         .stream = stream,
     };
-    const int status = search_slices(rows, x, n, d, packed, half_norms, panels, num_codes,
+    const int status = search_slices(rows, x, n, d, d, packed, half_norms, panels, num_codes,
                                      codebook, center, codes, distances, &fwd, rows_per_slice,
                                      threads);
     if (status == VQ_OK) {

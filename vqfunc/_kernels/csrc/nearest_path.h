@@ -340,11 +340,11 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
         TILE_CALL(D, TILE_ROWS_FOR(D));                                                   \
         break;
 
-/* Rows [row_begin, row_end) of x: see vq_nearest_f32 in nearest.c (the arguments are the
- * same). With `fwd` (not NULL), also quantize's forward of these rows, its sums and counts
- * into entry `slice` of fwd's per-slice arrays (see vq_forward_outputs). */
+/* Rows [row_begin, row_end) of x (row r at x + r stride): see vq_nearest_f32 in nearest.c
+ * (the arguments are the same). With `fwd` (not NULL), also quantize's forward of these rows,
+ * its sums and counts into entry `slice` of fwd's per-slice arrays (see vq_forward_outputs). */
 PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int64_t row_end,
-                                          int64_t d, const float *packed,
+                                          int64_t d, int64_t stride, const float *packed,
                                           const float *half_norms, int64_t panels,
                                           int64_t num_codes, const float *codebook,
                                           const float *center, int64_t *codes,
@@ -387,7 +387,7 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             PATH(storei)(best_q[i], (VI){0});
         }
         for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i)
-            PATH(centre_row)(x + (r0 + i < r1 ? r0 + i : r1 - 1) * d, center, d, block + i * d);
+            PATH(centre_row)(x + (r0 + i < r1 ? r0 + i : r1 - 1) * stride, center, d, block + i * d);
         for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
             const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups;
             if (d >= PANEL_MAJOR_D) {
@@ -433,7 +433,7 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
              * does not wait for memory (perf put that wait at ~4 % of a d = 32, K = 512 search). */
             if (r1 + i < row_end)
                 for (int64_t o = 0; o < d; o += 64 / (int64_t)sizeof(float))
-                    __builtin_prefetch(x + (r1 + i) * d + o, 0, 2);
+                    __builtin_prefetch(x + (r1 + i) * stride + o, 0, 2);
             /* Small d: the row's minimum v first occurs in group g, which is recomputed with
              * vectors (a few KiB of panels; the tile loop tracks nothing there); larger d: the
              * vectors the tile loop tracked name the code. */
@@ -451,14 +451,14 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             const int64_t r = r0 + i;
             if (fwd == NULL) {
                 codes[r] = k_best;
-                distances[r] = PATH(distance)(x + r * d, codebook + k_best * d, d);
+                distances[r] = PATH(distance)(x + r * stride, codebook + k_best * d, d);
                 continue;
             }
             int finite;
             float *z = fwd->z + r * d, *out = fwd->out + r * d, *z_q = fwd->z_q + r * d;
             const float *c = codebook + k_best * d;
-            const float sq = stream ? PATH(row_pass)(x + r * d, c, d, z, out, z_q, &finite, 1, 1)
-                                    : PATH(row_pass)(x + r * d, c, d, z, out, z_q, &finite, 1, 0);
+            const float sq = stream ? PATH(row_pass)(x + r * stride, c, d, z, out, z_q, &finite, 1, 1)
+                                    : PATH(row_pass)(x + r * stride, c, d, z, out, z_q, &finite, 1, 0);
             fwd->valid[r] = (uint8_t)finite;
             if (finite) {
                 const float w = fwd->mask ? fwd->mask[r] : 1.0f;
