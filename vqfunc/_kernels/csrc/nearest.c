@@ -294,9 +294,8 @@ int vq_supported(void) { return 1; }
 #endif
 
 typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const float *,
-                       const float *,
-                       int64_t, int64_t, const float *, const float *, int64_t *, float *,
-                       const vq_forward_outputs *, int64_t);
+                       const float *, int64_t, int64_t, const float *, const float *, int64_t *,
+                       float *, const vq_forward_outputs *, int64_t);
 
 static rows_fn rows_for(int isa) {
     switch (isa) {
@@ -315,9 +314,9 @@ static rows_fn rows_for(int isa) {
  * threads, each slice searched (and, with fwd, quantized) by `rows`: slice s is rows
  * [s rows_per_slice, (s + 1) rows_per_slice) and fills entry s of fwd's per-slice sums. */
 static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, int64_t stride,
-                         const float *packed, const float *half_norms, int64_t panels, int64_t num_codes,
-                         const float *codebook, const float *center, int64_t *codes,
-                         float *distances, const vq_forward_outputs *fwd,
+                         const float *packed, const float *half_norms, int64_t panels,
+                         int64_t num_codes, const float *codebook, const float *center,
+                         int64_t *codes, float *distances, const vq_forward_outputs *fwd,
                          int64_t rows_per_slice, int threads) {
     const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
     int status = VQ_OK;
@@ -334,8 +333,8 @@ static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, int
 
 /* All n rows of x (row r at x + r stride: x [n, d] itself where stride = d, or a view of every
  * stride-th float, such as a column slice of a wider matrix; rows are only read, so any
- * stride >= 0 will do) on the path `isa` (VQ_ISA_*), in slices of rows_per_slice rows handed out
- * dynamically to `threads` OpenMP threads (the runtime torch uses, when it is loaded: one pool,
+ * stride >= 0 will do) on the path `isa` (VQ_ISA_*), in slices of rows_per_slice rows handed
+ * out dynamically to `threads` OpenMP threads (the runtime torch uses, when it is loaded: one pool,
  * no oversubscription). The packed codes are centred on `center` [d] (the codebook's mean) and
  * each row block is centred the same way before it is scored: distances are invariant to the
  * translation, and the scores h - x.c then do not cancel catastrophically when the data share

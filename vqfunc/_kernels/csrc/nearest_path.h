@@ -386,8 +386,10 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             PATH(storei)(best_group[i], (VI){0});
             PATH(storei)(best_q[i], (VI){0});
         }
-        for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i)
-            PATH(centre_row)(x + (r0 + i < r1 ? r0 + i : r1 - 1) * stride, center, d, block + i * d);
+        for (int64_t i = 0; i < r1 - r0 + TILE_ROWS; ++i) {
+            const int64_t r = r0 + i < r1 ? r0 + i : r1 - 1;
+            PATH(centre_row)(x + r * stride, center, d, block + i * d);
+        }
         for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
             const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups;
             if (d >= PANEL_MAJOR_D) {
@@ -456,9 +458,9 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             }
             int finite;
             float *z = fwd->z + r * d, *out = fwd->out + r * d, *z_q = fwd->z_q + r * d;
-            const float *c = codebook + k_best * d;
-            const float sq = stream ? PATH(row_pass)(x + r * stride, c, d, z, out, z_q, &finite, 1, 1)
-                                    : PATH(row_pass)(x + r * stride, c, d, z, out, z_q, &finite, 1, 0);
+            const float *row_x = x + r * stride, *c = codebook + k_best * d;
+            const float sq = stream ? PATH(row_pass)(row_x, c, d, z, out, z_q, &finite, 1, 1)
+                                    : PATH(row_pass)(row_x, c, d, z, out, z_q, &finite, 1, 0);
             fwd->valid[r] = (uint8_t)finite;
             if (finite) {
                 const float w = fwd->mask ? fwd->mask[r] : 1.0f;
