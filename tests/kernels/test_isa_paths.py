@@ -21,7 +21,7 @@ from vqfunc._kernels import cpu as _cpu_kernel
 from vqfunc._kernels import straight_through as _fused
 from vqfunc._search import nearest_codes, uses_cpu_kernel
 
-PATHS = ("portable", "avx2", "avx512")
+PATHS = ("portable", "avx2", "avx512", "amx")
 
 needs_kernel = pytest.mark.skipif(
     not _cpu_kernel.available(), reason="the compiled CPU kernel does not build here"

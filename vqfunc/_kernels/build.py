@@ -17,7 +17,7 @@ CSRC = Path(__file__).with_name("csrc")
 # The search kernel, the straight-through kernels, the fused pass after the search and the
 # k-means cluster sums, built together into one library.
 SOURCES = ("nearest.c", "straight_through.c", "fused_forward.c", "cluster_sums.c")
-HEADERS = ("vqfunc_kernels.h", "nearest_path.h")
+HEADERS = ("vqfunc_kernels.h", "nearest_path.h", "nearest_amx.h")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing")
 # OpenMP threads, in the runtime torch loads (libgomp.so.1 on Linux builds, found by its
 # soname); a compiler without OpenMP builds the same kernels single-threaded.

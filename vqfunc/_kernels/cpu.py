@@ -17,7 +17,8 @@ compiler's own error text), and `vqfunc._kernels.policy` decides whether torch t
 (with a warning) or the failure is an error.
 
 One library carries every ISA path of the kernels (`ISA_PATHS`: portable C with GCC vector
-extensions, AVX2 + FMA, AVX-512), each call names the path it runs; `isa_paths()` says which
+extensions, AVX2 + FMA, AVX-512, and AVX-512 with the search's scores on the AMX tiles),
+each call names the path it runs; `isa_paths()` says which
 this CPU runs (read from its features at run time), so the same library serves any x86-64 CPU
 and, with the portable path alone, any other architecture.
 
@@ -68,7 +69,7 @@ _STATUS = {
 _FLAGS = _build_spec.FLAGS
 _OPENMP_FLAGS = _build_spec.OPENMP_FLAGS
 # The ISA paths of the kernels, by their number in csrc/vqfunc_kernels.h (VQ_ISA_*).
-ISA_PATHS = ("portable", "avx2", "avx512")
+ISA_PATHS = ("portable", "avx2", "avx512", "amx")
 # Codes per panel, as in the C source (the codebook is padded to whole groups of panels, whose
 # size depends on d: `vq_padded_codes`).
 PANEL = 16
@@ -322,6 +323,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(ptr, ptr, i64, i64, ptr),  # panels, norms, panel count, K, book
         *(ptr, ptr, ptr),  # center, codes, distances
         *(i64, c_int, c_int),  # rows per slice, threads, ISA path
+    ]
+    lib.vq_amx_codes_f32.restype = c_int
+    lib.vq_amx_codes_f32.argtypes = [
+        *(ptr, i64, i64, ptr, ptr, i64, i64),  # x, n, d, panels, norms, panel count, K
+        *(ptr, ptr),  # center, codes
     ]
     lib.vq_quantize_f32.restype = c_int
     lib.vq_quantize_f32.argtypes = [
@@ -654,6 +660,32 @@ def nearest_codes_f32(
     )
     check_status(status)
     return codes, distances
+
+
+def amx_codes_f32(vectors: Tensor, codebook: Tensor) -> Tensor:
+    """What the `amx` path's tiles alone answer for `vectors` `[N, d]` against `codebook`
+    `[K, d]` (contiguous float32 on CPU): codes `[N]` int64, the first code of each row's
+    least score as the `avx512` path computes it, or -1 for a row the tiles leave to that
+    path (non-finite entries, magnitudes past 2^100, too many near-ties). For the tests of the
+    path: a search takes the tiles only for d >= 32 and N >= 256, and the rows left open are
+    searched as on `avx512`. Raises `RuntimeError` where the path does not run (or d < 32)."""
+    lib = library()
+    _check_matrix("vectors", vectors)
+    _check_matrix("codebook", codebook)
+    if vectors.shape[1] != codebook.shape[1] or codebook.shape[0] == 0:
+        raise ValueError(
+            f"codebook: expected at least one code of {vectors.shape[1]} columns, "
+            f"got shape {tuple(codebook.shape)}"
+        )
+    x, book = vectors.contiguous(), codebook.contiguous()
+    plan = search_plan(max(1, x.shape[0]), book)
+    codes = torch.empty(x.shape[0], dtype=torch.int64)
+    status = lib.vq_amx_codes_f32(
+        *(x.data_ptr(), *x.shape, plan.panels.data_ptr(), plan.half_norms.data_ptr()),
+        *(plan.num_panels, book.shape[0], plan.center.data_ptr(), codes.data_ptr()),
+    )
+    check_status(status)
+    return codes
 
 
 class SearchPlan(NamedTuple):

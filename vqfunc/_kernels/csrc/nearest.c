@@ -31,10 +31,12 @@
  * headers.
  */
 #define _POSIX_C_SOURCE 199309L
+#define _DEFAULT_SOURCE /* syscall, for the AMX grant */
 #include <math.h>
 #include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "vqfunc_kernels.h"
 
@@ -193,6 +195,34 @@ int vq_supported(void) { return 1; }
 #define VQ_IN_REGISTER(v) __asm__ volatile("" : "+g"(v))
 #endif
 
+#include "nearest_amx.h"
+_Static_assert(ROW_BLOCK <= AMX_MAX_ROWS, "the AMX path takes a row block at once");
+
+#ifdef VQ_HAVE_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Whether this CPU has AMX-TILE and AMX-BF16, the OS saves the tile state (XCR0 bits 17 and
+ * 18), and it granted this process the tile data: asked once (the grant holds for every thread
+ * of the process). */
+int vq_cpu_amx(void) {
+    static int answer = -1;
+    if (answer >= 0) return answer;
+    unsigned a, b, c, d; /* leaf 7: EDX bit 24 AMX-TILE, bit 22 AMX-BF16 */
+    int ok = vq_cpu_avx512() && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
+             (d & (1u << 24)) && (d & (1u << 22));
+    if (ok) {
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        ok = (lo & (3u << 17)) == (3u << 17);
+    }
+    if (ok) ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    answer = ok;
+    return answer;
+}
+#endif
+
 /* The paths, one instantiation of nearest_path.h each. */
 
 /* Portable: GCC vector extensions only, for any architecture (lowered to SSE2 on x86-64, to
@@ -212,6 +242,7 @@ int vq_supported(void) { return 1; }
 #define V_STREAMS 0
 #define V_STREAM(p, v) PATH(store)((p), (v))
 #define V_STREAM_FENCE() ((void)0)
+#define PATH_AMX 0
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -226,6 +257,7 @@ int vq_supported(void) { return 1; }
 #undef V_STREAMS
 #undef V_STREAM
 #undef V_STREAM_FENCE
+#undef PATH_AMX
 
 #ifdef VQ_X86
 /* AVX2 + FMA: 16 ymm registers, a tile of 6 rows x 16 codes. */
@@ -243,6 +275,7 @@ int vq_supported(void) { return 1; }
 #define V_STREAMS 1
 #define V_STREAM(p, v) _mm256_stream_ps((p), (__m256)(v))
 #define V_STREAM_FENCE() _mm_sfence()
+#define PATH_AMX 0
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -257,6 +290,7 @@ int vq_supported(void) { return 1; }
 #undef V_STREAMS
 #undef V_STREAM
 #undef V_STREAM_FENCE
+#undef PATH_AMX
 
 /* AVX-512: 32 zmm registers, a tile of 6 rows x 64 codes (24 accumulators, 4 code vectors,
  * the row values broadcast from memory by the FMAs themselves); for d <= SMALL_TILE_D, 5 rows,
@@ -277,6 +311,11 @@ int vq_supported(void) { return 1; }
 #define V_STREAMS 1
 #define V_STREAM(p, v) _mm512_stream_ps((p), (__m512)(v))
 #define V_STREAM_FENCE() _mm_sfence()
+#ifdef VQ_HAVE_AMX
+#define PATH_AMX 1 /* with vq_amx_codes, the rows' scores on the AMX tiles */
+#else
+#define PATH_AMX 0
+#endif
 #include "nearest_path.h"
 #undef PATH
 #undef PATH_TARGET
@@ -291,15 +330,17 @@ int vq_supported(void) { return 1; }
 #undef V_STREAMS
 #undef V_STREAM
 #undef V_STREAM_FENCE
+#undef PATH_AMX
 #endif
 
 typedef int (*rows_fn)(const float *, int64_t, int64_t, int64_t, int64_t, const float *,
                        const float *, int64_t, int64_t, const float *, const float *, int64_t *,
-                       float *, const vq_forward_outputs *, int64_t);
+                       float *, const vq_forward_outputs *, int64_t, const vq_amx_codes *);
 
 static rows_fn rows_for(int isa) {
     switch (isa) {
 #ifdef VQ_X86
+        case VQ_ISA_AMX: /* with the codebook's bf16 tiles, or as AVX-512 without them */
         case VQ_ISA_AVX512:
             return nearest_rows_avx512;
         case VQ_ISA_AVX2:
@@ -310,24 +351,105 @@ static rows_fn rows_for(int isa) {
     }
 }
 
+/* The codebook's bf16 tiles for the AMX path (see nearest_amx.h) into *amx and *buffer (the
+ * caller frees it): VQ_OK with *buffer set where the path takes them (isa VQ_ISA_AMX, a code
+ * dimension from AMX_MIN_D and at least AMX_MIN_ROWS rows), VQ_OK with *buffer NULL where the
+ * rows are searched as on the AVX-512 path, or VQ_NO_MEMORY. Panels are shared out among
+ * `threads` OpenMP threads. */
+static int amx_prepare(int isa, int64_t n, int64_t d, const float *packed,
+                       const float *half_norms, int64_t panels, int threads, vq_amx_codes *amx,
+                       uint16_t **buffer) {
+    *buffer = NULL;
+#ifdef VQ_HAVE_AMX
+    if (isa != VQ_ISA_AMX || !vq_cpu_amx() || d < AMX_MIN_D || d > AMX_MAX_D || n < AMX_MIN_ROWS)
+        return VQ_OK;
+    const int64_t tiles = (d + AMX_DIMS - 1) / AMX_DIMS;
+    const size_t half = (size_t)(panels * tiles * AMX_DIMS * PANEL);
+    uint16_t *hi = malloc(2 * half * sizeof(uint16_t));
+    if (hi == NULL) return VQ_NO_MEMORY;
+    float largest = 0.0f;
+    for (int64_t k = 0; k < panels * PANEL; ++k)
+        if (isfinite(half_norms[k]) && half_norms[k] > largest) largest = half_norms[k];
+    amx->hi = hi;
+    amx->lo = hi + half;
+    amx->tiles = tiles;
+    amx->half_norm = largest;
+    /* The half norm is the float sum of d squares over 2, within d 2^-24 of the true one: a
+     * factor 1 + 2^-8 covers d <= AMX_MAX_D. */
+    amx->code_norm = sqrt(2.0 * (double)largest * (1.0 + 0x1p-8));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t p = 0; p < panels; ++p) amx_pack_panels(packed, d, tiles, p, p + 1, hi, hi + half);
+    *buffer = hi;
+#else
+    (void)isa, (void)n, (void)d, (void)packed, (void)half_norms, (void)panels, (void)threads,
+        (void)amx;
+#endif
+    return VQ_OK;
+}
+
+/* The AMX path's codes alone (for its tests): the n rows of x [n, d], centred on center [d],
+ * scored on the AMX tiles against vq_pack_f32's packing (its `panels` panels hold num_codes
+ * codes), in blocks of ROW_BLOCK rows on one thread; codes[i] is the first code of row i's
+ * least exact score, or -1 where the row is left to the AVX-512 tiles. VQ_UNSUPPORTED where
+ * the AMX path does not run (nor for d below AMX_MIN_D); any n >= 0. */
+int vq_amx_codes_f32(const float *x, int64_t n, int64_t d, const float *packed,
+                     const float *half_norms, int64_t panels, int64_t num_codes,
+                     const float *center, int64_t *codes) {
+#ifdef VQ_HAVE_AMX
+    if (!vq_cpu_amx() || !whole_groups(panels, num_codes, d) || d < AMX_MIN_D || d > AMX_MAX_D)
+        return VQ_UNSUPPORTED;
+    vq_amx_codes amx = {0};
+    uint16_t *tiles;
+    const int status = amx_prepare(VQ_ISA_AMX, AMX_MIN_ROWS, d, packed, half_norms, panels, 1,
+                                   &amx, &tiles);
+    if (status != VQ_OK || tiles == NULL) return status != VQ_OK ? status : VQ_UNSUPPORTED;
+    char *scratch = malloc(sizeof(float) * (size_t)(ROW_BLOCK * d) + amx_scratch_bytes(amx.tiles) +
+                           64);
+    if (scratch == NULL) {
+        free(tiles);
+        return VQ_NO_MEMORY;
+    }
+    float *block = (float *)scratch;
+    void *aligned = (void *)(((uintptr_t)(block + ROW_BLOCK * d) + 63) & ~(uintptr_t)63);
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_BLOCK) {
+        const int rows = (int)(n - r0 < ROW_BLOCK ? n - r0 : ROW_BLOCK);
+        for (int64_t i = 0; i < rows * d; ++i) block[i] = x[r0 * d + i] - center[i % d];
+        amx_rows(block, rows, d, &amx, packed, half_norms, panels, aligned, codes + r0);
+    }
+    free(scratch);
+    free(tiles);
+    return VQ_OK;
+#else
+    (void)x, (void)n, (void)d, (void)packed, (void)half_norms, (void)panels, (void)num_codes,
+        (void)center, (void)codes;
+    return VQ_UNSUPPORTED;
+#endif
+}
+
 /* The rows of x in slices of rows_per_slice rows, handed out dynamically to `threads` OpenMP
- * threads, each slice searched (and, with fwd, quantized) by `rows`: slice s is rows
+ * threads, each slice searched (and, with fwd, quantized) on path `isa`: slice s is rows
  * [s rows_per_slice, (s + 1) rows_per_slice) and fills entry s of fwd's per-slice sums. */
-static int search_slices(rows_fn rows, const float *x, int64_t n, int64_t d, int64_t stride,
+static int search_slices(int isa, const float *x, int64_t n, int64_t d, int64_t stride,
                          const float *packed, const float *half_norms, int64_t panels,
                          int64_t num_codes, const float *codebook, const float *center,
                          int64_t *codes, float *distances, const vq_forward_outputs *fwd,
                          int64_t rows_per_slice, int threads) {
+    const rows_fn rows = rows_for(isa);
+    vq_amx_codes amx = {0};
+    uint16_t *tiles;
+    int status = amx_prepare(isa, n, d, packed, half_norms, panels, threads, &amx, &tiles);
+    if (status != VQ_OK) return status;
+    const vq_amx_codes *with = tiles != NULL ? &amx : NULL;
     const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
-    int status = VQ_OK;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t s = 0; s < slices; ++s) {
         const int64_t begin = s * rows_per_slice;
         const int64_t end = begin + rows_per_slice < n ? begin + rows_per_slice : n;
         const int result = rows(x, begin, end, d, stride, packed, half_norms, panels, num_codes,
-                                codebook, center, codes, distances, fwd, s);
+                                codebook, center, codes, distances, fwd, s, with);
         VQ_RECORD_FAILURE(status, result);
     }
+    free(tiles);
     return status;
 }
 
@@ -349,7 +471,7 @@ int vq_nearest_f32(const float *x, int64_t n, int64_t d, int64_t stride, const f
     if (!vq_isa_supported(isa) || !whole_groups(panels, num_codes, d) || rows_per_slice < 1 ||
         stride < 0)
         return VQ_UNSUPPORTED;
-    return search_slices(rows_for(isa), x, n, d, stride, packed, half_norms, panels, num_codes,
+    return search_slices(isa, x, n, d, stride, packed, half_norms, panels, num_codes,
                          codebook, center, codes, distances, NULL, rows_per_slice, threads);
 }
 
@@ -375,7 +497,6 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
         rows_per_slice < 1)
         return VQ_UNSUPPORTED;
     if (threads < 1) return VQ_BAD_THREADS;
-    const rows_fn rows = rows_for(isa);
     const int64_t slices = (n + rows_per_slice - 1) / rows_per_slice;
     const size_t per_slice = (size_t)(slices > 0 ? slices : 1);
     double *counts = calloc(per_slice * (size_t)(num_codes + 2), sizeof(double));
@@ -391,7 +512,7 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
         .weight = counts + per_slice * (size_t)(num_codes + 1), .invalid = invalid,
         .stream = stream,
     };
-    const int status = search_slices(rows, x, n, d, d, packed, half_norms, panels, num_codes,
+    const int status = search_slices(isa, x, n, d, d, packed, half_norms, panels, num_codes,
                                      codebook, center, codes, distances, &fwd, rows_per_slice,
                                      threads);
     if (status == VQ_OK) {
@@ -425,6 +546,7 @@ int vq_quantize_f32(const float *x, int64_t n, int64_t d, const float *packed,
 static float fma_chains(int isa, int64_t iterations, float seed) {
     switch (isa) {
 #ifdef VQ_X86
+        case VQ_ISA_AMX: /* the FMA units are the AVX-512 path's */
         case VQ_ISA_AVX512:
             return fma_chains_avx512(iterations, seed);
         case VQ_ISA_AVX2:
@@ -440,7 +562,7 @@ static float fma_chains(int isa, int64_t iterations, float seed) {
  * time in seconds to *seconds (the caller divides). */
 int vq_fma_probe(int isa, int64_t iterations, int threads, double *flops, double *seconds) {
     if (!vq_isa_supported(isa) || iterations < 1 || threads < 1) return VQ_UNSUPPORTED;
-    static const int lanes[] = {4, 8, 16}, chains[] = {12, 12, 24};
+    static const int lanes[] = {4, 8, 16, 16}, chains[] = {12, 12, 24, 24};
     float sink = 0.0f;
     int ran = 0; /* threads that ran (one in a build without OpenMP) */
     struct timespec t0, t1;

@@ -328,6 +328,20 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
     }
 }
 
+/* The first code reaching the row's minimum, from the lane minima of its row block (best,
+ * best_group, best_q), or -1: for small d the row's minimum v first occurs in group g, which
+ * is recomputed with vectors (a few KiB of panels; the tile loop tracks nothing there); for
+ * larger d the vectors the tile loop tracked name the code. */
+INLINE int64_t PATH(row_code)(const float *row, int64_t d, const float *packed,
+                              const float *half_norms, int64_t gp, const float *best,
+                              const int32_t *best_group, const int32_t *best_q) {
+    if (d > SMALL_RESCAN_D) return PATH(tracked_code)(best, best_group, best_q, gp);
+    float v;
+    int32_t g;
+    PATH(row_minimum)(best, best_group, &v, &g);
+    return g != INT32_MAX ? PATH(rescan_group)(row, d, packed, half_norms, gp, g, v) : -1;
+}
+
 /* The rows of a register tile for code dimension D (see SMALL_TILE_D). */
 #define TILE_ROWS_FOR(D) ((D) <= SMALL_TILE_D ? SMALL_TILE_ROWS : TILE_ROWS)
 /* The row tile at xt against a code block, for dimension D in tiles of R rows (both
@@ -342,14 +356,16 @@ PATH_TARGET static void PATH(panel_tile)(const float *xt, int64_t d, const float
 
 /* Rows [row_begin, row_end) of x (row r at x + r stride): see vq_nearest_f32 in nearest.c
  * (the arguments are the same). With `fwd` (not NULL), also quantize's forward of these rows,
- * its sums and counts into entry `slice` of fwd's per-slice arrays (see vq_forward_outputs). */
+ * its sums and counts into entry `slice` of fwd's per-slice arrays (see vq_forward_outputs).
+ * With `amx` (not NULL, on a path with PATH_AMX), the rows' codes come from the AMX tiles (see
+ * nearest_amx.h) and a row they leave open from this path's register tiles. */
 PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int64_t row_end,
                                           int64_t d, int64_t stride, const float *packed,
                                           const float *half_norms, int64_t panels,
                                           int64_t num_codes, const float *codebook,
                                           const float *center, int64_t *codes,
                                           float *distances, const vq_forward_outputs *fwd,
-                                          int64_t slice) {
+                                          int64_t slice, const vq_amx_codes *amx) {
     double loss = 0.0, weight = 0.0;
     int64_t invalid = 0;
     double *counts = fwd ? fwd->counts + slice * num_codes : NULL;
@@ -362,7 +378,15 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
      * best_group, best_q) and of one group (minima, minima_q). */
     const size_t block_floats = (size_t)(ROW_BLOCK + TILE_ROWS) * (size_t)d;
     const size_t lanes = (size_t)(5 * ROW_BLOCK + 2 * TILE_ROWS) * LANES;
-    float *block = malloc(sizeof(float) * (block_floats + lanes));
+#if PATH_AMX
+    /* The AMX path's scratch (64-byte aligned) and codes of one block. */
+    const size_t amx_bytes =
+        amx ? amx_scratch_bytes(amx->tiles) + ROW_BLOCK * sizeof(int64_t) + 64 : 0;
+#else
+    const size_t amx_bytes = 0;
+    (void)amx;
+#endif
+    float *block = malloc(sizeof(float) * (block_floats + lanes) + amx_bytes);
     if (block == NULL) return VQ_NO_MEMORY;
     float *lane_rows = block + block_floats;
     float (*best)[LANES] = (float (*)[LANES])lane_rows;
@@ -371,6 +395,12 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
     float (*minima)[LANES] = (float (*)[LANES])(lane_rows + 3 * ROW_BLOCK * LANES);
     int32_t (*minima_q)[LANES] =
         (int32_t (*)[LANES])(lane_rows + (4 * ROW_BLOCK + TILE_ROWS) * LANES);
+    /* With amx: the AMX path's codes of a block (-1: left open), and its scratch. */
+    int64_t *amx_code = NULL;
+#if PATH_AMX
+    void *amx_scratch = (void *)(((uintptr_t)(lane_rows + lanes) + 63) & ~(uintptr_t)63);
+    if (amx) amx_code = (int64_t *)((char *)amx_scratch + amx_scratch_bytes(amx->tiles));
+#endif
     /* Panels per group (see group_panels); a group holds whole register tiles. The packed
      * codebook holds whole groups (vq_padded_codes). */
     int64_t gp = group_panels(d, num_codes);
@@ -390,7 +420,23 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             const int64_t r = r0 + i < r1 ? r0 + i : r1 - 1;
             PATH(centre_row)(x + r * stride, center, d, block + i * d);
         }
-        for (int64_t g0 = 0; g0 < groups; g0 += block_groups) {
+        /* The AMX tiles' codes of the block, unless they left more than AMX_OPEN_ROWS rows
+         * open: then this path's tiles score the whole block, and the rest of the slice
+         * (data the bound does not suit: a slice pays for one such block, not every one). */
+        const int64_t *tile_code = NULL;
+#if PATH_AMX
+        if (amx_code) {
+            amx_rows(block, (int)(r1 - r0), d, amx, packed, half_norms, panels, amx_scratch,
+                     amx_code);
+            int64_t open = 0;
+            for (int64_t i = 0; i < r1 - r0; ++i) open += amx_code[i] < 0;
+            if (open <= AMX_OPEN_ROWS)
+                tile_code = amx_code;
+            else
+                amx_code = NULL;
+        }
+#endif
+        for (int64_t g0 = 0; g0 < (tile_code ? 0 : groups); g0 += block_groups) {
             const int64_t g1 = g0 + block_groups < groups ? g0 + block_groups : groups;
             if (d >= PANEL_MAJOR_D) {
                 for (int64_t g = g0; g < g1; ++g) {
@@ -436,17 +482,15 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
             if (r1 + i < row_end)
                 for (int64_t o = 0; o < d; o += 64 / (int64_t)sizeof(float))
                     __builtin_prefetch(x + (r1 + i) * stride + o, 0, 2);
-            /* Small d: the row's minimum v first occurs in group g, which is recomputed with
-             * vectors (a few KiB of panels; the tile loop tracks nothing there); larger d: the
-             * vectors the tile loop tracked name the code. */
-            int64_t k_best = -1;
-            if (d <= SMALL_RESCAN_D) {
-                float v;
-                int32_t g;
-                PATH(row_minimum)(best[i], best_group[i], &v, &g);
-                if (g != INT32_MAX) k_best = PATH(rescan_group)(row, d, packed, half_norms, gp, g, v);
-            } else {
-                k_best = PATH(tracked_code)(best[i], best_group[i], best_q[i], gp);
+            int64_t k_best = tile_code ? tile_code[i] : -1;
+            if (k_best < 0) {
+                /* A row the AMX tiles left open (d > SMALL_RESCAN_D there): this path's tiles,
+                 * the row alone against every group. */
+                if (tile_code)
+                    PATH(tile)(row, 1, d, packed, half_norms, gp, 0, groups, best + i,
+                               best_group + i, best_q + i, 1, 1);
+                k_best = PATH(row_code)(row, d, packed, half_norms, gp, best[i], best_group[i],
+                                        best_q[i]);
             }
             /* No finite minimum (NaN inputs or overflow), or a padding code: code 0. */
             if (k_best < 0 || k_best >= num_codes) k_best = 0;

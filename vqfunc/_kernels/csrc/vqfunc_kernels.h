@@ -19,11 +19,14 @@
 #define PANEL 16
 
 /* The ISA paths, chosen per call (cpu.py keeps the same numbers): plain C with GCC vector
- * extensions for any CPU, AVX2 + FMA, and AVX-512 (F, with AVX2 and FMA). One library carries
- * all of them; the CPU's features, read at run time, say which may run. */
+ * extensions for any CPU, AVX2 + FMA, AVX-512 (F, with AVX2 and FMA), and AVX-512 with the
+ * search's scores on the AMX tiles (AMX-TILE and AMX-BF16; the other kernels take their AVX2
+ * code there). One library carries all of them; the CPU's features, read at run time, say
+ * which may run. */
 #define VQ_ISA_PORTABLE 0
 #define VQ_ISA_AVX2 1
 #define VQ_ISA_AVX512 2
+#define VQ_ISA_AMX 3
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -45,6 +48,18 @@ static inline int vq_cpu_avx512(void) {
     return vq_cpu_supported() && __builtin_cpu_supports("avx512f");
 }
 
+/* The AMX path needs a compiler with the tile intrinsics and Linux, whose processes ask for the
+ * tile registers (arch_prctl). */
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) ||                 \
+                           (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define VQ_HAVE_AMX 1
+#define VQ_TARGET_AMX __attribute__((target("avx512f,avx2,fma,amx-tile,amx-bf16")))
+/* Whether this process may run the AMX code (see nearest.c). */
+int vq_cpu_amx(void);
+#else
+static inline int vq_cpu_amx(void) { return 0; }
+#endif
+
 /* Sum of the 8 lanes of v. */
 TARGET static inline float vq_lane_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -58,6 +73,7 @@ TARGET static inline float vq_lane_sum(__m256 v) {
 /* Whether this CPU runs the path `isa` (VQ_ISA_*). */
 static inline int vq_isa_supported(int isa) {
 #ifdef VQ_X86
+    if (isa == VQ_ISA_AMX) return vq_cpu_amx();
     if (isa == VQ_ISA_AVX512) return vq_cpu_avx512();
     if (isa == VQ_ISA_AVX2) return vq_cpu_supported();
 #endif
