@@ -296,19 +296,33 @@ VQ_TARGET_AMX static void amx_chunk(const uint16_t *ah, const uint16_t *al, int6
         _tile_loadd(6, half_norms + p * PANEL, 0);
         _tile_loadd(7, half_norms + (p + 1) * PANEL, 0);
         for (int64_t t = 0; t < amx->tiles; ++t) {
-            /* The three parts: hi x hi, hi x lo, lo x hi. */
-            for (int part = 0; part < 3; ++part) {
-                const uint16_t *a = (part < 2 ? ah : al) + t * AMX_DIMS;
-                const uint16_t *b = (part == 1 ? amx->lo : amx->hi) + t * AMX_DIMS * PANEL;
-                _tile_loadd(0, a, row_bytes);
-                _tile_loadd(1, a + AMX_ROWS * width, row_bytes);
-                _tile_loadd(2, b + p * panel, 64);
-                _tile_loadd(3, b + (p + 1) * panel, 64);
-                _tile_dpbf16ps(4, 0, 2);
-                _tile_dpbf16ps(5, 0, 3);
-                _tile_dpbf16ps(6, 1, 2);
-                _tile_dpbf16ps(7, 1, 3);
-            }
+            /* The three parts, hi x hi, hi x lo and lo x hi: the rows' hi tiles serve the
+             * first two, the codes' hi tiles the first and the last (10 tile loads, not 12). */
+            const uint16_t *xh = ah + t * AMX_DIMS, *xl = al + t * AMX_DIMS;
+            const uint16_t *ch = amx->hi + t * AMX_DIMS * PANEL + p * panel;
+            const uint16_t *cl = amx->lo + t * AMX_DIMS * PANEL + p * panel;
+            _tile_loadd(0, xh, row_bytes);
+            _tile_loadd(1, xh + AMX_ROWS * width, row_bytes);
+            _tile_loadd(2, ch, 64);
+            _tile_loadd(3, ch + panel, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
+            _tile_loadd(2, cl, 64);
+            _tile_loadd(3, cl + panel, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
+            _tile_loadd(0, xl, row_bytes);
+            _tile_loadd(1, xl + AMX_ROWS * width, row_bytes);
+            _tile_loadd(2, ch, 64);
+            _tile_loadd(3, ch + panel, 64);
+            _tile_dpbf16ps(4, 0, 2);
+            _tile_dpbf16ps(5, 0, 3);
+            _tile_dpbf16ps(6, 1, 2);
+            _tile_dpbf16ps(7, 1, 3);
         }
         float *s = chunk + (p - p0) * PANEL;
         _tile_stored(4, s, ld);

@@ -395,11 +395,12 @@ PATH_TARGET static int PATH(nearest_rows)(const float *x, int64_t row_begin, int
     float (*minima)[LANES] = (float (*)[LANES])(lane_rows + 3 * ROW_BLOCK * LANES);
     int32_t (*minima_q)[LANES] =
         (int32_t (*)[LANES])(lane_rows + (4 * ROW_BLOCK + TILE_ROWS) * LANES);
-    /* With amx: the AMX path's codes of a block (-1: left open), and its scratch. */
-    int64_t *amx_code = NULL;
 #if PATH_AMX
+    /* With amx: the AMX path's scratch, and its codes of a block (-1: left open); NULL once
+     * the slice goes without it. */
     void *amx_scratch = (void *)(((uintptr_t)(lane_rows + lanes) + 63) & ~(uintptr_t)63);
-    if (amx) amx_code = (int64_t *)((char *)amx_scratch + amx_scratch_bytes(amx->tiles));
+    int64_t *amx_code =
+        amx ? (int64_t *)((char *)amx_scratch + amx_scratch_bytes(amx->tiles)) : NULL;
 #endif
     /* Panels per group (see group_panels); a group holds whole register tiles. The packed
      * codebook holds whole groups (vq_padded_codes). */
