@@ -353,15 +353,16 @@ static rows_fn rows_for(int isa) {
 
 /* The codebook's bf16 tiles for the AMX path (see nearest_amx.h) into *amx and *buffer (the
  * caller frees it): VQ_OK with *buffer set where the path takes them (isa VQ_ISA_AMX, a code
- * dimension from AMX_MIN_D and at least AMX_MIN_ROWS rows), VQ_OK with *buffer NULL where the
- * rows are searched as on the AVX-512 path, or VQ_NO_MEMORY. Panels are shared out among
- * `threads` OpenMP threads. */
+ * dimension from AMX_MIN_D, at least AMX_MIN_ROWS rows, four times as many past AMX_LARGE_BOOK
+ * floats of codes), VQ_OK with *buffer NULL where the rows are searched as on the AVX-512 path,
+ * or VQ_NO_MEMORY. Panels are shared out among `threads` OpenMP threads. */
 static int amx_prepare(int isa, int64_t n, int64_t d, const float *packed,
                        const float *half_norms, int64_t panels, int threads, vq_amx_codes *amx,
                        uint16_t **buffer) {
     *buffer = NULL;
 #ifdef VQ_HAVE_AMX
-    if (isa != VQ_ISA_AMX || !vq_cpu_amx() || d < AMX_MIN_D || d > AMX_MAX_D || n < AMX_MIN_ROWS)
+    const int64_t min_rows = panels * PANEL * d > AMX_LARGE_BOOK ? 4 * AMX_MIN_ROWS : AMX_MIN_ROWS;
+    if (isa != VQ_ISA_AMX || !vq_cpu_amx() || d < AMX_MIN_D || d > AMX_MAX_D || n < min_rows)
         return VQ_OK;
     const int64_t tiles = (d + AMX_DIMS - 1) / AMX_DIMS;
     const size_t half = (size_t)(panels * tiles * AMX_DIMS * PANEL);
@@ -400,8 +401,8 @@ int vq_amx_codes_f32(const float *x, int64_t n, int64_t d, const float *packed,
         return VQ_UNSUPPORTED;
     vq_amx_codes amx = {0};
     uint16_t *tiles;
-    const int status = amx_prepare(VQ_ISA_AMX, AMX_MIN_ROWS, d, packed, half_norms, panels, 1,
-                                   &amx, &tiles);
+    const int status = amx_prepare(VQ_ISA_AMX, 4 * AMX_MIN_ROWS, d, packed, half_norms, panels,
+                                   1, &amx, &tiles);
     if (status != VQ_OK || tiles == NULL) return status != VQ_OK ? status : VQ_UNSUPPORTED;
     char *scratch = malloc(sizeof(float) * (size_t)(ROW_BLOCK * d) + amx_scratch_bytes(amx.tiles) +
                            64);

@@ -45,8 +45,13 @@
 /* The AMX path scores rows of at least this code dimension (below it, most of a 32-dimension
  * tile would be padding) ... */
 #define AMX_MIN_D 32
-/* ... in calls of at least this many rows (the codebook is split into bf16 once per call) ... */
+/* ... in calls of at least this many rows (the codebook is split into bf16 once per call),
+ * and of four times as many for a codebook of more than AMX_LARGE_BOOK floats (each row block
+ * then streams its bf16 tiles from memory: 256 rows against 16384 x 256 codes took 1.39 times
+ * the AVX-512 path's time, 512 rows 1.03, 1024 rows 0.80; 256 rows against 16384 x 128, 0.70,
+ * two threads of the Xeon of docs/benchmark.md) ... */
 #define AMX_MIN_ROWS 256
+#define AMX_LARGE_BOOK (1 << 21)
 /* ... up to this code dimension (the norm bounds assume d <= 2^16). */
 #define AMX_MAX_D 65536
 
