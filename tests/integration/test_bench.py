@@ -268,3 +268,25 @@ def test_shapes_argument_reads_every_shape() -> None:
     from vqfunc.bench._cli import shapes_argument
 
     assert shapes_argument("64,8,16; 128,4,32") == [(64, 8, 16), (128, 4, 32)]
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_paths_are_compared_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    from vqfunc._kernels import cpu as _cpu_kernel
+
+    if not _cpu_kernel.available():
+        pytest.skip("the compiled CPU kernel does not build here")
+    paths = ["portable", _cpu_kernel.isa_paths()[-1]]
+    status = bench.main(["--quick", "--threads", "1", "--paths", ",".join(paths)])
+    table = capsys.readouterr().out.strip().splitlines()[1:]
+    assert status == 0
+    assert f"{paths[0]} ms" in table[0] and f"{paths[1]} ms" in table[0]
+    rows = table[2:]
+    assert [r.split()[:3] for r in rows] == [[str(v) for v in s] for s in bench.QUICK_SHAPES]
+    assert all(r.split()[-1] == "yes" for r in rows)
+
+
+def test_unknown_paths_are_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--paths", "avx512,sse9"])
+    assert "--paths: got 'avx512,sse9': expected ISA paths" in capsys.readouterr().err

@@ -29,7 +29,9 @@ of `quantize` on N = 1,000,000, D = 64, K = 8192) and `--lfq BITS` (time and pea
 of the loss of `vqfunc.lfq.quantize` at `BITS` bits on `--rows` vectors, forward and
 forward+backward, next to the size of the `N x 2**BITS` table a full computation would hold),
 `--kmeans` (`warmup_params(method="kmeans")` against faiss and scikit-learn k-means, time
-and error; see `vqfunc.bench._kmeans`) and `--gpu-check` (the CUDA tests, then the torch and
+and error; see `vqfunc.bench._kmeans`), `--paths A,B,...` (the CPU search on those ISA paths of
+the kernels side by side, e.g. `--paths avx512,amx`; see `vqfunc.bench._paths`) and
+`--gpu-check` (the CUDA tests, then the torch and
 Triton paths compared on CUDA; see `vqfunc.bench._gpu_check`).
 """
 

@@ -15,6 +15,7 @@ from vqfunc.bench._allocator import retain_freed_memory
 from vqfunc.bench._gpu_check import gpu_check
 from vqfunc.bench._kmeans import KMEANS_QUICK_SHAPES, KMEANS_SHAPES, run_kmeans
 from vqfunc.bench._lfq import lfq_check
+from vqfunc.bench._paths import compare_paths, paths_argument
 from vqfunc.bench._peak import fma_peak
 from vqfunc.bench._search import (
     FULL_SHAPES,
@@ -78,6 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--kmeans", action="store_true", help="k-means vs faiss and sklearn")
     parser.add_argument(
+        "--paths",
+        type=paths_argument,
+        default=None,
+        metavar="A,B,...",
+        help="the CPU search on these ISA paths of the kernels, side by side (e.g. avx512,amx)",
+    )
+    parser.add_argument(
         "--allocator",
         default="retain",
         choices=["retain", "system"],
@@ -120,6 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = list(QUICK_SHAPES if args.quick else FULL_SHAPES)
     if args.kmeans:
         return run_kmeans(shapes, device)
+    if args.paths:
+        try:
+            table, same = compare_paths(
+                args.paths, shapes, 1 if args.quick else args.repeats, args.statistic
+            )
+        except RuntimeError as error:  # a path this CPU does not run
+            parser.error(str(error))
+        print(table)
+        return 0 if same else 1
     repeats = 1 if args.quick else args.repeats
     size = 512 if args.quick else 2048
     rate = gemm_rate(device, torch.promote_types(dtype, torch.float32), repeats, size)
