@@ -12,7 +12,8 @@ Initial choices come from the environment, read once at import:
 - `VQFUNC_CPU_KERNEL=1` (default): the compiled kernels when they build and load, else torch
   with a warning (once); `0`: torch; `require`: the compiled kernels or an error.
 - `VQFUNC_CPU_ISA=auto` (default): the fastest ISA path of the C kernels this CPU runs;
-  `avx512`, `avx2` or `portable` (plain C, any CPU) force one (a path the CPU lacks is an error).
+  `amx` (the search's scores on the AMX tiles, exact), `avx512`, `avx2` or `portable` (plain C,
+  any CPU) force one (a path the CPU lacks is an error).
 - `VQFUNC_TRITON=0` (default): torch on CUDA; `1`: the Triton search when Triton imports.
 
 `use` changes them for a `with` block (the setting is process-wide, not per thread), and

@@ -7,8 +7,9 @@ Three settings, process-wide (not per thread, so autograd's worker threads see t
   `"require"` (the C kernels or an error: a fallback raises instead of warning).
   `VQFUNC_CPU_KERNEL=1|0|require` sets the initial value.
 - `cpu_isa`: which ISA path the C kernels take: `"auto"` (the default: the fastest this CPU
-  runs), `"avx512"`, `"avx2"` or `"portable"` (plain C with vector extensions, any CPU); a
-  path the CPU lacks is an error when a kernel runs. `VQFUNC_CPU_ISA` sets the initial value.
+  runs), `"amx"` (the search's scores on the AMX tiles, exact), `"avx512"`, `"avx2"` or
+  `"portable"` (plain C with vector extensions, any CPU); a path the CPU lacks is an error when
+  a kernel runs. `VQFUNC_CPU_ISA` sets the initial value.
 - `cuda`: `"torch"` (the default) or `"triton"` (the fused Triton search, when Triton imports;
   else torch with a warning, once). `VQFUNC_TRITON=1|0` sets the initial value. torch stays the
   default until a GPU benchmark has shown the Triton kernel ahead of it.
