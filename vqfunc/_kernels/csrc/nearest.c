@@ -36,7 +36,6 @@
 #include <time.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "vqfunc_kernels.h"
 

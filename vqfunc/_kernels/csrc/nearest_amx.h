@@ -106,18 +106,6 @@ typedef struct {
     uint8_t rows[16];
 } amx_tile_config;
 
-/* t (finite) rounded up to a float: the nearest float, or the next one above it. */
-static inline float amx_up(double t) {
-    float f = (float)t;
-    if ((double)f < t) {
-        uint32_t bits;
-        memcpy(&bits, &f, sizeof bits);
-        bits = f > 0.0f ? bits + 1 : f < 0.0f ? bits - 1 : 1u; /* 0: the least denormal */
-        memcpy(&f, &bits, sizeof f);
-    }
-    return f;
-}
-
 /* Rows' candidates, kept while a row block's pieces are swept: codes whose scores s~ were
  * within the row's limit (least s~ so far + 2 E) when they were seen. */
 typedef struct {
