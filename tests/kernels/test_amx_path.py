@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.reference import assert_nearest, brute_force
 
 import vqfunc
@@ -35,6 +37,9 @@ def _data(kind: str, n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, t
         return codebook[picks] + 1e-3 * torch.randn(n, d, generator=g), codebook
     if kind == "offset":  # a large common offset, small spread
         return 1e3 + torch.randn(n, d, generator=g), 1e3 + 0.1 * codebook
+    if kind == "midpoints":  # halfway between two codes: two scores nearly equal
+        a, b = torch.randint(k, (2, n), generator=g)
+        return (codebook[a] + codebook[b]) / 2, codebook
     if kind == "integers":  # many exact ties between codes
         return (
             torch.randint(-2, 3, (n, d), generator=g).float(),
@@ -51,7 +56,16 @@ def _data(kind: str, n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, t
     raise AssertionError(kind)
 
 
-KINDS = ["gaussian", "near codes", "offset", "integers", "tiny", "scales", "extreme scales"]
+KINDS = [
+    "gaussian",
+    "near codes",
+    "midpoints",
+    "offset",
+    "integers",
+    "tiny",
+    "scales",
+    "extreme scales",
+]
 SHAPES = [(300, 32, 512), (257, 33, 130), (61, 40, 2000), (256, 64, 1030), (40, 100, 77)]
 
 
@@ -76,6 +90,23 @@ def test_the_tiles_give_the_avx512_code_of_every_row_they_answer(
     else:
         assert answered.all()
     assert_nearest(vectors[answered], codebook, codes[answered])
+
+
+@given(
+    n=st.integers(1, 300),
+    d=st.integers(32, 96),
+    k=st.integers(1, 700),
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=30, deadline=None)
+def test_any_shape_and_data_give_the_avx512_codes(
+    n: int, d: int, k: int, kind: str, seed: int
+) -> None:
+    vectors, codebook = _data(kind, n, d, k, seed)
+    codes = _cpu_kernel.amx_codes_f32(vectors, codebook)
+    answered = codes >= 0
+    assert torch.equal(codes[answered], _avx512(vectors, codebook)[0][answered])
 
 
 @pytest.mark.parametrize("k", [1100, 5000])
