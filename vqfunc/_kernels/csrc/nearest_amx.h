@@ -273,6 +273,27 @@ VQ_TARGET_AVX512 static void amx_fold_piece(const float *scores, int chunks, int
     }
 }
 
+/* A 2 x 2 block of the tile multiply (tile numbers are immediates, hence macros): the row
+ * tiles 0 and 1 (rows 0-15 and 16-31 at x, row stride row_bytes), the code tiles 2 and 3 (two
+ * panels at c, `panel` elements apart) and the four products into accumulators 4 to 7. */
+#define AMX_ROW_TILES(x)                                                                  \
+    do {                                                                                  \
+        _tile_loadd(0, (x), row_bytes);                                                   \
+        _tile_loadd(1, (x) + AMX_ROWS * width, row_bytes);                                \
+    } while (0)
+#define AMX_CODE_TILES(c)                                                                 \
+    do {                                                                                  \
+        _tile_loadd(2, (c), 64);                                                          \
+        _tile_loadd(3, (c) + panel, 64);                                                  \
+    } while (0)
+#define AMX_PRODUCTS()                                                                    \
+    do {                                                                                  \
+        _tile_dpbf16ps(4, 0, 2);                                                          \
+        _tile_dpbf16ps(5, 0, 3);                                                          \
+        _tile_dpbf16ps(6, 1, 2);                                                          \
+        _tile_dpbf16ps(7, 1, 3);                                                          \
+    } while (0)
+
 /* The scores of panels [p0, p1) for the AMX_BLOCK rows whose parts are at ah, al (row stride
  * width), into `chunk` (row stride AMX_CHUNK_CODES floats), and each row's lane minima over
  * them into *chunk_min, folded into *piece_min (no branch). Tiles configured by the caller. */
@@ -294,28 +315,14 @@ VQ_TARGET_AMX static void amx_chunk(const uint16_t *ah, const uint16_t *al, int6
             const uint16_t *xh = ah + t * AMX_DIMS, *xl = al + t * AMX_DIMS;
             const uint16_t *ch = amx->hi + t * AMX_DIMS * PANEL + p * panel;
             const uint16_t *cl = amx->lo + t * AMX_DIMS * PANEL + p * panel;
-            _tile_loadd(0, xh, row_bytes);
-            _tile_loadd(1, xh + AMX_ROWS * width, row_bytes);
-            _tile_loadd(2, ch, 64);
-            _tile_loadd(3, ch + panel, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            _tile_dpbf16ps(5, 0, 3);
-            _tile_dpbf16ps(6, 1, 2);
-            _tile_dpbf16ps(7, 1, 3);
-            _tile_loadd(2, cl, 64);
-            _tile_loadd(3, cl + panel, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            _tile_dpbf16ps(5, 0, 3);
-            _tile_dpbf16ps(6, 1, 2);
-            _tile_dpbf16ps(7, 1, 3);
-            _tile_loadd(0, xl, row_bytes);
-            _tile_loadd(1, xl + AMX_ROWS * width, row_bytes);
-            _tile_loadd(2, ch, 64);
-            _tile_loadd(3, ch + panel, 64);
-            _tile_dpbf16ps(4, 0, 2);
-            _tile_dpbf16ps(5, 0, 3);
-            _tile_dpbf16ps(6, 1, 2);
-            _tile_dpbf16ps(7, 1, 3);
+            AMX_ROW_TILES(xh);
+            AMX_CODE_TILES(ch);
+            AMX_PRODUCTS();
+            AMX_CODE_TILES(cl);
+            AMX_PRODUCTS();
+            AMX_ROW_TILES(xl);
+            AMX_CODE_TILES(ch);
+            AMX_PRODUCTS();
         }
         float *s = chunk + (p - p0) * PANEL;
         _tile_stored(4, s, ld);
@@ -332,6 +339,9 @@ VQ_TARGET_AMX static void amx_chunk(const uint16_t *ah, const uint16_t *al, int6
         piece_min[b] = _mm512_min_ps(m, piece_min[b]);
     }
 }
+#undef AMX_ROW_TILES
+#undef AMX_CODE_TILES
+#undef AMX_PRODUCTS
 
 /* Codes of the `rows` rows at xt (row stride d, at most AMX_MAX_ROWS): code[i] the first code
  * reaching row i's least exact score, or -1 where the row goes to the AVX-512 tiles (see the
