@@ -85,7 +85,7 @@ plt.show()
 # prototype digits.
 
 # %%
-fig, axes = plt.subplots(2, 16, figsize=(12, 1.8))
+fig, axes = plt.subplots(2, 16, figsize=(12, 2.1), layout="constrained")
 for k, ax in enumerate(axes.flat):
     ax.imshow(params.codebook[k].reshape(8, 8), cmap="gray_r")
     ax.set_title(str(k), fontsize=8)

@@ -218,8 +218,9 @@ VQ_TARGET_AVX512 static void amx_fold_piece(const float *scores, int chunks, int
         const __m512 least = _mm512_min_ps(amx_minima16(piece_min + b0),
                                            _mm512_loadu_ps(c->least + r0 + b0));
         _mm512_storeu_ps(c->least + r0 + b0, least);
-        /* least + 2 E rounded up, 8 rows at a time in double (an exact sum of two floats of
-         * like magnitude). */
+        /* least + 2 E rounded up to a float, 8 rows at a time, summed in double: that sum
+         * rounds by far less than a float's spacing, so the limit is never below the largest
+         * float <= least + 2 E, which is all the float scores' comparison with it needs. */
         for (int e = b0; e < b0 + 16; e += 8) {
             const __m512d sum =
                 _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(c->least + r0 + e)),
