@@ -608,6 +608,18 @@ def codebook_center_f32(codebook: Tensor) -> Tensor:
     return center
 
 
+def _check_search_inputs(vectors: Tensor, codebook: Tensor) -> None:
+    """`vectors [N, d]` and `codebook [K, d]`: float32 CPU matrices of the same d (the kernels
+    read d floats per row of both: a mismatch would read past the codebook)."""
+    _check_matrix("vectors", vectors)
+    _check_matrix("codebook", codebook)
+    if vectors.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"codebook: expected {vectors.shape[1]} columns (the dimension of vectors), "
+            f"got shape {tuple(codebook.shape)}"
+        )
+
+
 def _rows_in_place(vectors: Tensor) -> Tensor:
     """`vectors [N, d]` as the search reads them: in place when each row's d floats are
     contiguous (a column slice of a wider matrix, rows at any stride), else a contiguous copy.
@@ -630,14 +642,7 @@ def nearest_codes_f32(
     """
     lib = library()
     isa_code = isa_number(isa)
-    _check_matrix("vectors", vectors)
-    _check_matrix("codebook", codebook)
-    # The kernel reads d floats per row of both: a mismatch would read past the codebook.
-    if vectors.shape[1] != codebook.shape[1]:
-        raise ValueError(
-            f"codebook: expected {vectors.shape[1]} columns (the dimension of vectors), "
-            f"got shape {tuple(codebook.shape)}"
-        )
+    _check_search_inputs(vectors, codebook)
     x = _rows_in_place(vectors.resolve_neg())
     book = codebook.resolve_neg().contiguous()
     n, d = x.shape
@@ -670,13 +675,9 @@ def amx_codes_f32(vectors: Tensor, codebook: Tensor) -> Tensor:
     path: a search takes the tiles only for d >= 32 and N >= 256, and the rows left open are
     searched as on `avx512`. Raises `RuntimeError` where the path does not run (or d < 32)."""
     lib = library()
-    _check_matrix("vectors", vectors)
-    _check_matrix("codebook", codebook)
-    if vectors.shape[1] != codebook.shape[1] or codebook.shape[0] == 0:
-        raise ValueError(
-            f"codebook: expected at least one code of {vectors.shape[1]} columns, "
-            f"got shape {tuple(codebook.shape)}"
-        )
+    _check_search_inputs(vectors, codebook)
+    if codebook.shape[0] == 0:
+        raise ValueError(f"codebook: expected at least one code, got shape {tuple(codebook.shape)}")
     x, book = vectors.contiguous(), codebook.contiguous()
     plan = search_plan(max(1, x.shape[0]), book)
     codes = torch.empty(x.shape[0], dtype=torch.int64)

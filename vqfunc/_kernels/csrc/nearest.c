@@ -378,7 +378,7 @@ static int amx_prepare(int isa, int64_t n, int64_t d, const float *packed,
      * factor 1 + 2^-8 covers d <= AMX_MAX_D. */
     amx->code_norm = sqrt(2.0 * (double)largest * (1.0 + 0x1p-8));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t p = 0; p < panels; ++p) amx_pack_panels(packed, d, tiles, p, p + 1, hi, hi + half);
+    for (int64_t p = 0; p < panels; ++p) amx_pack_panel(packed, d, tiles, p, hi, hi + half);
     *buffer = hi;
 #else
     (void)isa, (void)n, (void)d, (void)packed, (void)half_norms, (void)panels, (void)threads,
@@ -396,10 +396,10 @@ int vq_amx_codes_f32(const float *x, int64_t n, int64_t d, const float *packed,
                      const float *half_norms, int64_t panels, int64_t num_codes,
                      const float *center, int64_t *codes) {
 #ifdef VQ_HAVE_AMX
-    if (!vq_cpu_amx() || !whole_groups(panels, num_codes, d) || d < AMX_MIN_D || d > AMX_MAX_D)
-        return VQ_UNSUPPORTED;
+    if (!whole_groups(panels, num_codes, d)) return VQ_UNSUPPORTED;
     vq_amx_codes amx = {0};
     uint16_t *tiles;
+    /* As for a search of enough rows that the path takes any codebook: no tiles, no path. */
     const int status = amx_prepare(VQ_ISA_AMX, 4 * AMX_MIN_ROWS, d, packed, half_norms, panels,
                                    1, &amx, &tiles);
     if (status != VQ_OK || tiles == NULL) return status != VQ_OK ? status : VQ_UNSUPPORTED;

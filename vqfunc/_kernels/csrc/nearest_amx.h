@@ -79,24 +79,22 @@ VQ_TARGET_AVX512 static inline void amx_split(__m512 v, __m512i *hi, __m512i *lo
     *lo = amx_round(_mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(*hi, 16))));
 }
 
-/* The bf16 tiles of panels [p0, p1) of a packed codebook of dimension d (see vq_amx_codes):
- * each tile row holds dimensions j, j + 1 of the panel's 16 codes, interleaved. */
-VQ_TARGET_AVX512 static void amx_pack_panels(const float *packed, int64_t d, int64_t tiles,
-                                             int64_t p0, int64_t p1, uint16_t *hi,
-                                             uint16_t *lo) {
-    for (int64_t p = p0; p < p1; ++p)
-        for (int64_t j = 0; j < tiles * AMX_DIMS; j += 2) {
-            const __m512 zero = _mm512_setzero_ps();
-            const float *col = packed + p * d * PANEL;
-            const __m512 v0 = j < d ? _mm512_loadu_ps(col + j * PANEL) : zero;
-            const __m512 v1 = j + 1 < d ? _mm512_loadu_ps(col + (j + 1) * PANEL) : zero;
-            __m512i h0, l0, h1, l1;
-            amx_split(v0, &h0, &l0);
-            amx_split(v1, &h1, &l1);
-            const size_t at = (size_t)((p * tiles * AMX_DIMS + j) * PANEL);
-            _mm512_storeu_si512(hi + at, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
-            _mm512_storeu_si512(lo + at, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
-        }
+/* The bf16 tiles of panel p of a packed codebook of dimension d (see vq_amx_codes): each tile
+ * row holds dimensions j, j + 1 of the panel's 16 codes, interleaved. */
+VQ_TARGET_AVX512 static void amx_pack_panel(const float *packed, int64_t d, int64_t tiles,
+                                            int64_t p, uint16_t *hi, uint16_t *lo) {
+    const float *col = packed + p * d * PANEL;
+    for (int64_t j = 0; j < tiles * AMX_DIMS; j += 2) {
+        const __m512 zero = _mm512_setzero_ps();
+        const __m512 v0 = j < d ? _mm512_loadu_ps(col + j * PANEL) : zero;
+        const __m512 v1 = j + 1 < d ? _mm512_loadu_ps(col + (j + 1) * PANEL) : zero;
+        __m512i h0, l0, h1, l1;
+        amx_split(v0, &h0, &l0);
+        amx_split(v1, &h1, &l1);
+        const size_t at = (size_t)((p * tiles * AMX_DIMS + j) * PANEL);
+        _mm512_storeu_si512(hi + at, _mm512_or_si512(h0, _mm512_slli_epi32(h1, 16)));
+        _mm512_storeu_si512(lo + at, _mm512_or_si512(l0, _mm512_slli_epi32(l1, 16)));
+    }
 }
 
 /* The tile palette: 8 tiles of 16 rows x 64 bytes. */
